@@ -1,0 +1,25 @@
+"""Error types. ``tools/run.py`` prints any ``CompressError`` as one line and exits with its code."""
+
+
+class CompressError(Exception):
+    """Base class for every error the user can fix; carries the process exit code."""
+
+    exit_code = 2
+
+
+class ConfigError(CompressError):
+    """A configuration file or override is wrong (unknown key, bad type, bad value)."""
+
+
+class InputError(CompressError):
+    """An input file (image, label file, model file) is missing or malformed."""
+
+
+class CheckpointError(CompressError):
+    """A stage checkpoint or the run manifest is missing, corrupt or inconsistent."""
+
+
+class GateError(CompressError):
+    """A quality gate failed: the compressed model lost more than the configured budget."""
+
+    exit_code = 3

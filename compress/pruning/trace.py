@@ -1,0 +1,296 @@
+"""Trace a model once into the channel-dependency groups that pruning plans are computed from.
+
+Tracing uses PaddleSlim: ``dygraph2program`` turns the dygraph forward into a static program, and the operator
+workers of ``paddleslim.prune.prune_worker`` walk it from each conv's filters to every tensor that must lose the
+same channels. Two things differ from ``paddleslim.dygraph.prune.DygraphPruningCollections``:
+
+* the graph is indexed once (producers/consumers of every variable). PaddleSlim's ``VarWrapper.inputs()`` scans
+  every operator of the program on each call, which made tracing PP-OCRv4 rec take minutes;
+* each conv is walked with its own ``visited`` set and the reason it cannot be pruned is kept, so plans and
+  ``--dry-run`` can say why a layer was skipped.
+
+A :class:`PruningTrace` holds no reference to the model and no weights: it is computed once and reused by many
+plans (sensitivity analysis, ratio search). Names in it are the model's structured names (``state_dict`` keys),
+which are the same in every process, unlike Paddle's generated tensor names.
+"""
+import copy
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import paddle
+from paddleslim.core import GraphWrapper, OpWrapper, VarWrapper, dygraph2program
+from paddleslim.prune.prune_worker import PRUNE_WORKER, UnsupportOpError
+
+from compress.pruning.adapters import traceable
+
+_LOG = logging.getLogger(__name__)
+_CONV_OPS = ("conv2d", "depthwise_conv2d")
+_LINEAR_OPS = ("matmul", "matmul_v2", "mul")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupMember:
+    """One tensor that loses channels when the group's master conv is pruned.
+
+    Attributes:
+        name: structured name of the parameter or buffer (``state_dict`` key).
+        axis: axis of that tensor that is sliced.
+        transforms: PaddleSlim mask transforms mapping the master's channel mask onto this tensor's axis.
+        op_type: type of the operator that uses the tensor (``conv2d``, ``batch_norm``, ...).
+    """
+
+    name: str
+    axis: int
+    transforms: tuple
+    op_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneGroup:
+    """The channels of one conv's output and every tensor coupled to them."""
+
+    master: str
+    channels: int
+    members: tuple
+    bn_scale: str = None  # the BatchNorm scale right after the master conv, if any
+
+    def member_names(self):
+        """Names of all tensors touched by this group."""
+        return sorted({member.name for member in self.members})
+
+
+@dataclasses.dataclass
+class PruningTrace:
+    """Result of tracing one architecture with one input shape.
+
+    Attributes:
+        groups: conv weight name -> :class:`PruneGroup`, for every conv that can be a pruning master.
+        skipped: conv weight name -> reason it cannot be a pruning master.
+        conv_order: conv weight names in forward order.
+        shapes: shape of every parameter/buffer used by the traced forward.
+        macs_per_weight: weight name -> multiply-accumulates per weight element (output pixels of a conv, rows
+            of a linear layer): ``MACs = macs_per_weight * numel(weight)`` also after pruning.
+        layer_of: parameter/buffer name -> structured name of the layer that owns it.
+        input_shapes: shapes of the example inputs the trace was made with.
+        seconds: how long tracing took.
+    """
+
+    groups: dict
+    skipped: dict
+    conv_order: list
+    shapes: dict
+    macs_per_weight: dict
+    layer_of: dict
+    input_shapes: list
+    seconds: float
+
+
+class _Var(VarWrapper):
+    def inputs(self):
+        return list(self._graph.producers.get(self.name(), ()))
+
+    def outputs(self):
+        return list(self._graph.consumers.get(self.name(), ()))
+
+
+class _IndexedGraph(GraphWrapper):
+    """GraphWrapper whose variables answer ``inputs()``/``outputs()`` from an index built once."""
+
+    def __init__(self, program):
+        super().__init__(program)
+        self._block_vars = {}
+        for block in self.program.blocks:
+            for name, var in block.vars.items():
+                self._block_vars.setdefault(name, var)
+        self._ops = [OpWrapper(op, self) for block in self.program.blocks for op in block.ops]
+        self.producers, self.consumers = {}, {}
+        for op in self._ops:
+            for name in op._op.output_arg_names:
+                self.producers.setdefault(name, []).append(op)
+            for name in op._op.input_arg_names:
+                self.consumers.setdefault(name, []).append(op)
+
+    def ops(self):
+        return list(self._ops)
+
+    def var(self, name):
+        var = self._block_vars.get(name)
+        return None if var is None else _Var(var, self)
+
+    def vars(self):
+        return [_Var(var, self) for var in self._block_vars.values()]
+
+    def leaves(self):
+        """Names of variables no operator consumes (the model outputs, among others)."""
+        return [name for name in self._block_vars if not self.consumers.get(name)]
+
+
+def _example_arrays(example_inputs):
+    inputs = example_inputs if isinstance(example_inputs, (list, tuple)) else [example_inputs]
+    return [np.asarray(x.numpy() if isinstance(x, paddle.Tensor) else x, dtype="float32") for x in inputs]
+
+
+def _tensor_names(model):
+    """Paddle tensor name -> (structured name, owning layer name) for parameters and buffers."""
+    names = {}
+    for layer_name, layer in model.named_sublayers(include_self=True):
+        for local, param in layer.named_parameters(include_sublayers=False):
+            names[param.name] = (f"{layer_name}.{local}" if layer_name else local, layer_name)
+        for local, buffer in layer.named_buffers(include_sublayers=False):
+            if buffer is not None:
+                names[buffer.name] = (f"{layer_name}.{local}" if layer_name else local, layer_name)
+    return names
+
+
+def _walk_group(graph, param_var, leaves):
+    """Run PaddleSlim's workers from a conv filter's axis 0; return the raw (var, axis, transforms, op) list."""
+    found = []
+    target_op = param_var.outputs()[0]
+    worker_cls = PRUNE_WORKER.get(target_op.type())
+    if worker_cls is None:
+        raise UnsupportOpError(f"no PaddleSlim worker for operator {target_op.type()}")
+    worker = worker_cls(target_op, pruned_params=found, visited={}, skip_stranger=True)
+    worker.skip_vars = leaves
+    worker.prune(param_var, pruned_axis=0, transforms=[])
+    return found
+
+
+def _bn_scale_after(graph, conv_op, names):
+    """Structured name of the BatchNorm scale that directly follows a conv (through its bias add), or None."""
+    out = conv_op.outputs("Output")[0].name()
+    for _ in range(2):
+        consumers = graph.consumers.get(out, [])
+        if len(consumers) != 1:
+            return None
+        op = consumers[0]
+        if op.type() == "batch_norm":
+            return names.get(op.inputs("Scale")[0].name(), (None,))[0]
+        if op.type() != "elementwise_add":
+            return None
+        out = op.outputs("Out")[0].name()
+    return None
+
+
+def _macs_multiplier(op):
+    if op.type() in _CONV_OPS:
+        shape = op.outputs("Output")[0].shape()
+        return int(abs(shape[0])) * int(shape[2]) * int(shape[3])
+    x_shape = op.inputs("X")[0].shape()
+    return int(math.prod(abs(d) for d in x_shape[:-1]))
+
+
+def _grouped_conv_problem(graph_ops_by_filter, members, shapes):
+    for member in members:
+        op = graph_ops_by_filter.get(member.name)
+        if op is None:
+            continue
+        groups = op.attr("groups") or 1
+        in_channels = op.inputs("Input")[0].shape()[1]
+        if groups > 1 and groups != in_channels:
+            return f"touches grouped (non depth-wise) conv {member.name}"
+    return None
+
+
+def trace_model(model, example_inputs):
+    """Trace ``model`` once and return its pruning groups.
+
+    The model is traced in eval mode (the deploy forward) and its training flag is restored afterwards; its
+    weights and structure are not changed.
+
+    Args:
+        model: a ``paddle.nn.Layer``.
+        example_inputs: one array/tensor or a list of them (the arguments of ``model.forward``). Only their
+            shapes matter; FLOPs in plans are counted at these shapes.
+
+    Returns:
+        PruningTrace: reusable by any number of :func:`compress.pruning.plan.make_plan` calls.
+    """
+    started = time.perf_counter()
+    arrays = _example_arrays(example_inputs)
+    names = _tensor_names(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with traceable():
+            program = dygraph2program(model, inputs=arrays, dtypes=["float32"] * len(arrays))
+            graph = _IndexedGraph(program)
+            trace = _build_trace(graph, names)
+    finally:
+        if was_training:
+            model.train()
+    trace.input_shapes = [list(a.shape) for a in arrays]
+    trace.seconds = time.perf_counter() - started
+    _LOG.info("traced %d prunable convs (%d skipped) in %.1fs", len(trace.groups), len(trace.skipped),
+              trace.seconds)
+    return trace
+
+
+def _build_trace(graph, names):
+    shapes, layer_of, macs, conv_ops, conv_order = {}, {}, {}, {}, []
+    for var_name, (structured, layer_name) in names.items():
+        var = graph.var(var_name)
+        if var is not None and graph.consumers.get(var_name):
+            shapes[structured] = [int(d) for d in var.shape()]
+            layer_of[structured] = layer_name
+    for op in graph.ops():
+        if op.type() in _CONV_OPS + _LINEAR_OPS:
+            weight_slot = "Filter" if op.type() in _CONV_OPS else "Y"
+            weights = op.inputs(weight_slot)
+            if not weights or weights[0].name() not in names:
+                continue
+            weight = names[weights[0].name()][0]
+            macs[weight] = macs.get(weight, 0) + _macs_multiplier(op)
+            if op.type() in _CONV_OPS and weight not in conv_ops:
+                conv_ops[weight] = op
+                conv_order.append(weight)
+    leaves = graph.leaves()
+    groups, skipped = {}, {}
+    for weight in conv_order:
+        op = conv_ops[weight]
+        filter_var = op.inputs("Filter")[0]
+        groups_attr = op.attr("groups") or 1
+        if groups_attr > 1:
+            skipped[weight] = "depth-wise/grouped conv: follows its input channels, never a master"
+            continue
+        try:
+            found = _walk_group(graph, filter_var, leaves)
+        except UnsupportOpError as error:
+            skipped[weight] = _reason(error)
+            continue
+        except AssertionError as error:
+            skipped[weight] = f"PaddleSlim worker assertion: {error}"
+            continue
+        members = _members(found, names)
+        problem = _grouped_conv_problem(conv_ops, members, shapes)
+        if problem:
+            skipped[weight] = problem
+            continue
+        groups[weight] = PruneGroup(master=weight, channels=shapes[weight][0], members=members,
+                                    bn_scale=_bn_scale_after(graph, op, names))
+    return PruningTrace(groups=groups, skipped=skipped, conv_order=conv_order, shapes=shapes,
+                        macs_per_weight=macs, layer_of=layer_of, input_shapes=[], seconds=0.0)
+
+
+def _reason(error):
+    text = str(error.args[0] if error.args else error)
+    if text.startswith("Variable ") and text.endswith("was skipped."):
+        return "its channels reach a model output"
+    return text
+
+
+def _members(found, names):
+    members, seen = [], set()
+    for var, axis, transforms, op in found:
+        var_name = var[0].name() if isinstance(var, list) else var.name()
+        if var_name not in names:
+            continue  # an activation, not a parameter or buffer
+        member = GroupMember(name=names[var_name][0], axis=int(axis),
+                             transforms=tuple(copy.deepcopy(transforms)), op_type=op.type())
+        key = (member.name, member.axis, repr(member.transforms))
+        if key not in seen:
+            seen.add(key)
+            members.append(member)
+    return tuple(members)

@@ -1,0 +1,347 @@
+"""The stage runner: checks the pipeline, runs stages model by model, resumes, rolls back and lists.
+
+For each model the config hash of a stage is ``hash(stage section for that model, parent hash)``; the parent of the
+first stage is the model config itself. On re-run a finished stage is skipped when its hash matches; the first
+stage that does not match (or is stale after a rollback, or failed) and every stage after it run again.
+"""
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import numpy as np
+
+from compress.checkpoint import DONE, FAILED, STALE, Manifest, StagingDir, atomic_write_json, checksum_tree, \
+    next_version_dir
+from compress.config import dump_config, parse_section, stable_hash, to_plain
+from compress.errors import CheckpointError, ConfigError, GateError
+from compress.stages.base import PLANNED_STAGES, STAGES
+
+WEIGHTS_FILE = "model.pdparams"
+
+
+def format_seconds(seconds):
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def check_pipeline(cfg):
+    """Validate the ``Pipeline`` list (names, order, requirements) before any work starts.
+
+    Returns:
+        list of Stage instances in pipeline order.
+    """
+    where = f"{cfg.source_file}: Pipeline"
+    stages = []
+    for name in cfg.pipeline:
+        if name in PLANNED_STAGES and name not in STAGES:
+            raise ConfigError(f"{where}: stage '{name}' is not available yet ({PLANNED_STAGES[name]}); "
+                              f"remove it from Pipeline")
+        stages.append(STAGES.get(name, where)())
+    for i, stage in enumerate(stages):
+        before = [s.name for s in stages[:i]]
+        if stage.allowed_after is None:
+            if i != 0:
+                raise ConfigError(f"{where}: stage '{stage.name}' must be first, but comes after '{before[-1]}'; "
+                                  f"move it to the front")
+        elif i == 0:
+            raise ConfigError(f"{where}: stage '{stage.name}' cannot be first; start the pipeline with baseline")
+        elif before[-1] not in stage.allowed_after:
+            raise ConfigError(f"{where}: stage '{stage.name}' cannot run after '{before[-1]}'; it may follow: "
+                              f"{', '.join(stage.allowed_after)}")
+        for needed in stage.requires:
+            if needed not in before:
+                raise ConfigError(f"{where}: stage '{stage.name}' needs '{needed}' earlier in the pipeline; add it")
+    return stages
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides its model and config."""
+
+    model_name: str
+    model_cfg: Any
+    global_cfg: Any
+    task: Any  # compress.tasks.Task
+    out_dir: str  # the staging directory to write extra files into
+    run_dir: str
+    manifest: Manifest
+    stage_index: int
+    stage_count: int
+    dry_run: bool = False
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+    def baseline_metrics(self):
+        entry = self.manifest.entry("baseline", self.model_name)
+        return (entry or {}).get("metrics", {})
+
+    def stage_dir(self, stage):
+        """The verified checkpoint directory of an earlier stage for this model."""
+        return self.manifest.verified_dir(stage, self.model_name)
+
+    def stage_entry(self, stage):
+        return self.manifest.entry(stage, self.model_name)
+
+
+@dataclass
+class _ModelState:
+    model: Any = None
+    upto: int = -1  # index of the last stage whose effect ``model`` holds
+    forced: bool = False  # a stage for this model has run in this invocation: later stages must run too
+    parent_hash: str = ""
+
+
+class Runner:
+    """Runs a parsed PipelineConfig.
+
+    Args:
+        cfg: compress.config.PipelineConfig.
+        log: callable for summary lines (default: print to stdout).
+    """
+
+    def __init__(self, cfg, log=None):
+        self.cfg = cfg
+        self.stages = check_pipeline(cfg)
+        self.run_dir = os.path.abspath(cfg.Global.run_dir)
+        self.log = log or (lambda line: print(line, flush=True))
+        self.stage_cfgs = {}
+        for stage in self.stages:
+            for model_name in cfg.models:
+                raw = cfg.stage_section(stage.section, model_name) if stage.section else {}
+                where = f"{cfg.source_file}: {stage.section}"
+                self.stage_cfgs[stage.name, model_name] = parse_section(stage.config_cls, raw, where)
+        self._tasks = {}
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def task(self, model_name):
+        if model_name not in self._tasks:
+            from compress.tasks import make_task
+            self._tasks[model_name] = make_task(self.cfg.models[model_name], self.cfg.Global.show_progress)
+        return self._tasks[model_name]
+
+    def _model_hash(self, model_name):
+        model_cfg = to_plain(self.cfg.models[model_name])
+        model_cfg.pop("source_file", None)
+        model_cfg.pop("base_dir", None)
+        return stable_hash("model", model_cfg)
+
+    def _seed(self):
+        seed = self.cfg.Global.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        import paddle
+        paddle.seed(seed)
+
+    def materialize(self, manifest, model_name, upto):
+        """Rebuild the model as it was after stage index ``upto`` from checkpoints alone (no data, no search)."""
+        from compress.models import build_model
+        model_cfg = self.cfg.models[model_name]
+        model = build_model(dict(model_cfg.Architecture), {"random": True}, model_cfg.base_dir)
+        weights_dir = None
+        for stage in self.stages[:upto + 1]:
+            entry = manifest.entry(stage.name, model_name)
+            if entry is None or entry.get("status") != DONE:
+                continue
+            model = stage.restore(model, self.stage_cfgs[stage.name, model_name], entry.get("metadata", {}))
+            if WEIGHTS_FILE in entry.get("files", {}):
+                weights_dir = manifest.verified_dir(stage.name, model_name)
+        if weights_dir is None:
+            raise CheckpointError(f"model '{model_name}': no stage up to '{self.stages[upto].name}' saved weights; "
+                                  f"run the pipeline from baseline")
+        load_weights(model, os.path.join(weights_dir, WEIGHTS_FILE), f"model '{model_name}'")
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------------------------------ commands
+
+    def run(self, dry_run=False):
+        """Run (or resume) the pipeline. Returns the manifest.
+
+        Raises:
+            GateError: when a stage's quality gate fails and the stage's policy is to stop.
+        """
+        manifest = Manifest.load(self.run_dir)
+        if not dry_run:
+            os.makedirs(self.run_dir, exist_ok=True)
+            dump_config(self.cfg, os.path.join(self.run_dir, "config.yml"))
+            manifest.data["pipeline"] = [s.name for s in self.stages]
+            manifest.data["models"] = list(self.cfg.models)
+        states = {name: _ModelState(parent_hash=self._model_hash(name)) for name in self.cfg.models}
+        count = len(self.stages)
+        gate_failures = []
+        for index, stage in enumerate(self.stages):
+            for model_name, state in states.items():
+                stage_cfg = self.stage_cfgs[stage.name, model_name]
+                config_hash = stable_hash(stage.name, stage_cfg, state.parent_hash)
+                state.parent_hash = config_hash
+                entry = manifest.entry(stage.name, model_name)
+                prefix = f"[{index + 1}/{count}] {stage.name:<11} {model_name:<4}"
+                reusable = entry is not None and entry.get("config_hash") == config_hash and \
+                    entry.get("status") in (DONE, FAILED) and not state.forced
+                if reusable and entry["status"] == FAILED and stage.on_gate_fail(stage_cfg) == "stop":
+                    reusable = False
+                if reusable:
+                    self.log(f"{prefix} {self._metric_text(manifest, model_name, entry)}  (finished earlier, "
+                             f"skipped)")
+                    continue
+                if dry_run:
+                    self._dry_run_stage(manifest, stage, stage_cfg, model_name, state, index, prefix)
+                    state.forced = True
+                    continue
+                passed = self._run_stage(manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix)
+                if not passed:
+                    gate_failures.append((stage.name, model_name))
+                    if stage.on_gate_fail(stage_cfg) == "stop":
+                        raise GateError(f"stage '{stage.name}' failed its gate for model '{model_name}': "
+                                        f"{manifest.entry(stage.name, model_name).get('message', '')}; head stays "
+                                        f"on '{manifest.head}'")
+            if not dry_run:
+                manifest.data["head"] = stage.name
+                manifest.save()
+        return manifest
+
+    def _run_stage(self, manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix):
+        if state.model is None or state.upto != index - 1:
+            state.model = self.materialize(manifest, model_name, index - 1) if index > 0 else None
+            state.upto = index - 1
+        self._seed()
+        final_dir = next_version_dir(os.path.join(self.run_dir, "stages", stage.name, model_name))
+        started = time.time()
+        with StagingDir(final_dir) as staging:
+            ctx = StageContext(model_name=model_name, model_cfg=self.cfg.models[model_name],
+                               global_cfg=self.cfg.Global, task=self.task(model_name), out_dir=staging.path,
+                               run_dir=self.run_dir, manifest=manifest, stage_index=index,
+                               stage_count=len(self.stages))
+            result = stage.run(state.model, stage_cfg, ctx)
+            seconds = time.time() - started
+            if result.weights_changed and result.passed:
+                import paddle
+                weights_path = os.path.join(staging.path, WEIGHTS_FILE)
+                paddle.save(result.model.state_dict(), weights_path)
+                result.metrics.setdefault("weights_bytes", os.path.getsize(weights_path))
+            atomic_write_json(os.path.join(staging.path, "stage.json"), {
+                "stage": stage.name, "model": model_name, "config": to_plain(stage_cfg),
+                "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
+                "message": result.message, "seconds": round(seconds, 2)})
+            files = checksum_tree(staging.path)
+            staging.commit()
+        entry = {"status": DONE if result.passed else FAILED,
+                 "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
+                 "config_hash": config_hash, "files": files, "metrics": result.metrics,
+                 "metadata": result.metadata, "message": result.message, "seconds": round(seconds, 2),
+                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        manifest.set_entry(stage.name, model_name, entry)
+        manifest.save()
+        state.forced = True
+        if result.passed:
+            state.model, state.upto = result.model, index
+        text = self._metric_text(manifest, model_name, entry)
+        status = "" if result.passed else "  GATE FAILED: " + result.message
+        note = f"  {result.message}" if result.passed and result.message else ""
+        self.log(f"{prefix} {text}{note}  {format_seconds(seconds)}{status}")
+        return result.passed
+
+    def _dry_run_stage(self, manifest, stage, stage_cfg, model_name, state, index, prefix):
+        plan = getattr(stage, "dry_run", None)
+        if plan is None or state.forced:
+            self.log(f"{prefix} would run")
+            return
+        if state.model is None or state.upto != index - 1:
+            state.model = self.materialize(manifest, model_name, index - 1) if index > 0 else None
+            state.upto = index - 1
+        ctx = StageContext(model_name=model_name, model_cfg=self.cfg.models[model_name], global_cfg=self.cfg.Global,
+                           task=self.task(model_name), out_dir="", run_dir=self.run_dir, manifest=manifest,
+                           stage_index=index, stage_count=len(self.stages), dry_run=True)
+        self.log(f"{prefix} would run; plan:\n{plan(state.model, stage_cfg, ctx)}")
+
+    def _metric_text(self, manifest, model_name, entry):
+        from compress.tasks import TASKS
+        metrics = entry.get("metrics", {})
+        main = TASKS[self.cfg.models[model_name].task].main_metric
+        if main not in metrics:
+            return ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:3]) or "-"
+        text = f"{main}={metrics[main]:.4f}"
+        base = (manifest.entry("baseline", model_name) or {}).get("metrics", {})
+        if main in base and entry is not manifest.entry("baseline", model_name):
+            text += f" ({(metrics[main] - base[main]) * 100:+.1f} pt)"
+        return text
+
+    def rollback(self, stage_name):
+        """Move the head back to ``stage_name``: later stages become stale (nothing is deleted)."""
+        names = [s.name for s in self.stages]
+        if stage_name not in names:
+            raise ConfigError(f"--rollback-to {stage_name}: not in Pipeline; choose one of: {', '.join(names)}")
+        manifest = Manifest.load(self.run_dir)
+        for model_name in self.cfg.models:
+            entry = manifest.entry(stage_name, model_name)
+            if entry is None or entry.get("status") != DONE:
+                raise CheckpointError(f"--rollback-to {stage_name}: model '{model_name}' has no finished "
+                                      f"checkpoint for that stage in {self.run_dir}; pick a finished stage "
+                                      f"(see --list)")
+            manifest.verified_dir(stage_name, model_name)
+        marked = []
+        for stage in self.stages[names.index(stage_name) + 1:]:
+            for model_name in self.cfg.models:
+                entry = manifest.entry(stage.name, model_name)
+                if entry is not None and entry.get("status") != STALE:
+                    entry["status"] = STALE
+                    marked.append(f"{stage.name}/{model_name}")
+        manifest.data["head"] = stage_name
+        manifest.save()
+        self.log(f"head -> {stage_name}; marked stale: {', '.join(marked) or 'nothing'} (checkpoints kept)")
+        return manifest
+
+    def listing(self):
+        """Rows (stage, model, status, metrics text, seconds, dir) for ``--list``."""
+        manifest = Manifest.load(self.run_dir)
+        rows = []
+        for stage in self.stages:
+            for model_name in self.cfg.models:
+                entry = manifest.entry(stage.name, model_name)
+                if entry is None:
+                    rows.append((stage.name, model_name, "pending", "-", "-", "-"))
+                    continue
+                rows.append((stage.name, model_name, entry["status"],
+                             self._metric_text(manifest, model_name, entry),
+                             format_seconds(entry.get("seconds", 0)), entry["dir"]))
+        return manifest.head, rows
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def load_weights(model, path, what):
+    """Load a state dict saved by the runner; every parameter must be present with the same shape."""
+    import paddle
+    try:
+        state = paddle.load(path)
+    except Exception as exc:  # paddle raises assorted errors on truncated files
+        raise CheckpointError(f"{what}: cannot read weights {path} ({type(exc).__name__}); re-run the stage "
+                              f"that wrote them") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{what}: weights {path} do not fit the rebuilt architecture (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {wrong[:3]}); the "
+                              f"recorded stage metadata and weights disagree: re-run from the stage that wrote them")
+    model.set_state_dict(state)
+    return model
+
+
+def print_listing(runner, out=None):
+    out = out or sys.stdout
+    head, rows = runner.listing()
+    widths = [max(len(str(r[i])) for r in rows + [("stage", "model", "status", "metric", "time", "dir")])
+              for i in range(6)]
+    header = ("stage", "model", "status", "metric", "time", "dir")
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    print(f"head: {head or '-'}  run dir: {runner.run_dir}", file=out)

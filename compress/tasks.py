@@ -1,0 +1,195 @@
+"""Task adapters: data, evaluation and example inputs for text detection (det) and recognition (rec).
+
+Evaluation uses PP-OCR's own pieces: the transform list of the config's dataset section
+(``ppocr.data.imaug.create_operators``), its post-processing (``DBPostProcess`` / ``CTCLabelDecode``) and metrics
+(``DetMetric`` hmean / precision / recall, ``RecMetric`` accuracy / normalized edit distance).
+
+Every evaluation takes a ``predict`` callable (numpy batch -> numpy output), so dygraph models, Paddle Inference
+predictors and ONNX Runtime sessions are measured by the same code.
+"""
+import json
+
+import numpy as np
+from tqdm import tqdm
+
+from compress.errors import InputError
+from compress.ppocr_compat import ensure_ppocr
+
+SPLITS = ("eval", "calibration", "train")
+
+
+def _split_cfg(model_cfg, split):
+    section = {"eval": model_cfg.Eval, "calibration": model_cfg.Calibration, "train": model_cfg.Train}[split]
+    if section is None:
+        raise InputError(f"{model_cfg.source_file}: {split.capitalize()}: section missing; add data_dir and "
+                         f"label_file for the {split} split")
+    return section
+
+
+class Task:
+    """Shared logic; subclasses define the label reader, batching, forward output and metric names."""
+
+    task = ""
+    main_metric = ""
+
+    def __init__(self, model_cfg, show_progress=True):
+        ensure_ppocr()
+        from ppocr.metrics import build_metric
+        from ppocr.postprocess import build_post_process
+
+        self.cfg = model_cfg
+        self.show_progress = show_progress
+        self.global_config = self._global_config()
+        try:
+            self.post_process = build_post_process(dict(model_cfg.PostProcess), self.global_config)
+            self._metric_cfg = dict(model_cfg.Metric)
+            build_metric(dict(self._metric_cfg))
+        except Exception as exc:  # ppocr raises bare Exceptions for unknown names
+            raise InputError(f"{model_cfg.source_file}: PostProcess/Metric: {exc}") from None
+        self._cache = {}
+
+    def _global_config(self):
+        g = self.cfg.Global
+        out = {"use_space_char": g.use_space_char, "max_text_length": g.max_text_length}
+        if g.character_dict_path:
+            out["character_dict_path"] = self.cfg.path(g.character_dict_path)
+        return out
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def read_labels(self, split_cfg):
+        raise NotImplementedError
+
+    def samples(self, split, limit=None):
+        """Preprocessed samples of a split, cached: a list of tuples of numpy arrays (PaddleOCR KeepKeys order)."""
+        split_cfg = _split_cfg(self.cfg, split)
+        limit = limit if limit is not None else split_cfg.limit
+        key = (split, limit)
+        if key in self._cache:
+            return self._cache[key]
+        from ppocr.data.imaug import create_operators, transform
+
+        ops = create_operators([dict(t) for t in split_cfg.transforms], self.global_config)
+        records = self.read_labels(split_cfg)
+        if limit is not None:
+            records = records[:limit]
+        out = []
+        for image_path, label in tqdm(records, desc=f"load {self.task} {split}", disable=not self.show_progress,
+                                      leave=False):
+            with open(image_path, "rb") as f:
+                data = {"img_path": image_path, "image": f.read(), "label": label}
+            result = transform(data, ops)
+            if result is None:
+                raise InputError(f"{split_cfg.label_file}: sample {image_path} was rejected by the transforms "
+                                 f"(label too long, unreadable image or no text box); fix or remove that line")
+            out.append(tuple(result))
+        if not out:
+            raise InputError(f"{split_cfg.label_file}: no samples; add labelled lines")
+        self._cache[key] = out
+        return out
+
+    def batches(self, split, batch_size=None, limit=None):
+        """Yield lists of samples in batches (det always uses batch 1: images differ in size)."""
+        items = self.samples(split, limit)
+        size = batch_size or _split_cfg(self.cfg, split).batch_size
+        for start in range(0, len(items), size):
+            yield items[start:start + size]
+
+    def input_batches(self, split, batch_size=None, limit=None):
+        """Yield just the image arrays (N, C, H, W) of a split, e.g. for calibration."""
+        for batch in self.batches(split, batch_size, limit):
+            yield np.stack([s[0] for s in batch]).astype("float32")
+
+    def example_input(self, batch=1):
+        """A deterministic array of the config's example input shape, for tracing and FLOPs counting."""
+        shape = (batch,) + tuple(self.cfg.Input.example_shape)
+        return np.random.default_rng(0).standard_normal(shape).astype("float32")
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, predict, split="eval", limit=None, desc=None):
+        """Run ``predict`` over a split and compute PP-OCR's metrics.
+
+        Args:
+            predict: callable(np.ndarray images NCHW) -> np.ndarray (det probability maps / rec probabilities).
+            split: "eval" (default) or "calibration"; never "train".
+            limit: number of samples (default: the split's ``limit``).
+        Returns:
+            dict of metrics (floats), including ``self.main_metric``.
+        """
+        if split == "train":
+            raise ValueError("evaluation on the training split is not allowed")
+        from ppocr.metrics import build_metric
+
+        metric = build_metric(dict(self._metric_cfg))
+        batches = list(self.batches(split, limit=limit))
+        for batch in tqdm(batches, desc=desc or f"eval {self.task}", disable=not self.show_progress,
+                          leave=False):
+            self._update_metric(metric, predict, batch)
+        result = metric.get_metric()
+        return {k: float(v) for k, v in result.items()}
+
+    def _update_metric(self, metric, predict, batch):
+        raise NotImplementedError
+
+
+class DetTask(Task):
+    """Text detection with DB: metric hmean (also precision, recall)."""
+
+    task = "det"
+    main_metric = "hmean"
+
+    def read_labels(self, split_cfg):
+        from compress.data.labels import read_det_labels
+        samples = read_det_labels(split_cfg.label_file, split_cfg.data_dir)
+        return [(s.image_path, json.dumps([{"transcription": b.transcription, "points": b.points}
+                                           for b in s.boxes], ensure_ascii=False)) for s in samples]
+
+    def batches(self, split, batch_size=None, limit=None):
+        return super().batches(split, batch_size=1, limit=limit)
+
+    def _update_metric(self, metric, predict, batch):
+        image, shape, polys, ignore_tags = batch[0][:4]
+        maps = predict(image[None].astype("float32"))
+        post = self.post_process({"maps": maps}, shape[None])
+        metric(post, [image[None], shape[None], polys[None], ignore_tags[None]])
+
+
+class RecTask(Task):
+    """Text recognition with CTC: metric acc (also norm_edit_dis)."""
+
+    task = "rec"
+    main_metric = "acc"
+
+    def read_labels(self, split_cfg):
+        from compress.data.labels import read_rec_labels
+        samples = read_rec_labels(split_cfg.label_file, split_cfg.data_dir)
+        return [(s.image_path, s.label) for s in samples]
+
+    def _update_metric(self, metric, predict, batch):
+        images = np.stack([s[0] for s in batch]).astype("float32")
+        labels = np.stack([s[1] for s in batch])
+        probs = predict(images)
+        metric(self.post_process(probs, labels))
+
+
+TASKS = {"det": DetTask, "rec": RecTask}
+
+
+def make_task(model_cfg, show_progress=True):
+    return TASKS[model_cfg.task](model_cfg, show_progress=show_progress)
+
+
+def dygraph_predictor(model):
+    """Wrap a dygraph model as ``predict(np.ndarray) -> np.ndarray`` (det: the shrink map; rec: probabilities)."""
+    import paddle
+
+    def predict(images):
+        model.eval()
+        with paddle.no_grad():
+            out = model(paddle.to_tensor(images))
+        if isinstance(out, dict):
+            out = out["maps"]
+        return out.numpy()
+
+    return predict

@@ -1,0 +1,122 @@
+"""Tiny stages and configs for testing the runner on a small ppocr-built network (seconds per test)."""
+import os
+import signal
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+
+from compress.stages.base import PLANNED_STAGES, STAGES, Stage, StageResult
+
+CALLS = []  # (stage, model) of every run() in this process
+
+TINY_DET_ARCH = {
+    "model_type": "det", "algorithm": "DB",
+    "Backbone": {"name": "MobileNetV3", "scale": 0.35, "model_name": "small"},
+    "Neck": {"name": "DBFPN", "out_channels": 16},
+    "Head": {"name": "DBHead", "k": 50},
+}
+
+
+def tiny_input():
+    return np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype("float32")
+
+
+def forward(model):
+    import paddle
+    model.eval()
+    with paddle.no_grad():
+        return model(paddle.to_tensor(tiny_input()))["maps"].numpy()
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    delta: float = 0.01
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    pass
+
+
+class TInit(Stage):
+    name, section, config_cls, allowed_after = "t_init", "TInit", NoConfig, None
+
+    def run(self, model, cfg, ctx):
+        from compress.models import build_model
+        CALLS.append((self.name, ctx.model_name))
+        model = build_model(dict(ctx.model_cfg.Architecture), {"random": True})
+        return StageResult(model=model, metrics={"out_mean": float(forward(model).mean())}, weights_changed=True)
+
+
+class TPerturb(Stage):
+    name, section, config_cls, allowed_after = "t_perturb", "TPerturb", PerturbConfig, ("t_init", "t_perturb2")
+
+    def run(self, model, cfg, ctx):
+        import paddle
+        CALLS.append((self.name, ctx.model_name))
+        _maybe_die(self.name, ctx)
+        for p in model.parameters():
+            p.set_value(p + paddle.full_like(p, cfg.delta))
+        return StageResult(model=model, metrics={"out_mean": float(forward(model).mean())}, weights_changed=True)
+
+
+class TPerturb2(TPerturb):
+    name, section, allowed_after = "t_perturb2", "TPerturb2", ("t_init", "t_perturb")
+
+
+class TCheck(Stage):
+    name, section, config_cls, allowed_after = "t_check", "TCheck", NoConfig, ("t_perturb", "t_perturb2")
+
+    def run(self, model, cfg, ctx):
+        CALLS.append((self.name, ctx.model_name))
+        _maybe_die(self.name, ctx)
+        return StageResult(model=model, metrics={"out_sum": float(forward(model).sum())})
+
+
+def _maybe_die(name, ctx):
+    if os.environ.get("DIE_IN_STAGE") == name:
+        with open(os.path.join(ctx.out_dir, "partial.bin"), "wb") as f:
+            f.write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("RAISE_IN_STAGE") == name:
+        raise RuntimeError(f"simulated crash in {name}")
+
+
+for _cls in (TInit, TPerturb, TPerturb2, TCheck):
+    if _cls.name not in STAGES:
+        STAGES.register(_cls.name, _cls)
+
+SECTIONS = {STAGES.get(n).section for n in STAGES.names()} | {n.capitalize() for n in PLANNED_STAGES}
+
+
+def write_config(folder, pipeline=("t_init", "t_perturb", "t_check"), extra=""):
+    """A pipeline config with two tiny models; returns its path."""
+    import yaml
+    model = {"Global": {"task": "det"}, "Architecture": TINY_DET_ARCH, "Weights": {"random": True},
+             "PostProcess": {"name": "DBPostProcess"}, "Metric": {"name": "DetMetric"},
+             "Eval": {"data_dir": "none", "label_file": "none.txt"}, "Input": {"example_shape": [3, 64, 64]}}
+    text = textwrap.dedent(f"""
+        Global: {{run_dir: {os.path.join(folder, 'run')}, show_progress: false}}
+        Models:
+          a: {yaml.safe_dump(model, default_flow_style=True, width=10**6).strip()}
+          b: {yaml.safe_dump(model, default_flow_style=True, width=10**6).strip()}
+        Pipeline: [{', '.join(pipeline)}]
+    """) + extra
+    path = os.path.join(folder, "pipeline.yml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main(argv):
+    """Entry point for subprocess tests: ``python -m tests.helpers.dummy_stages -c CONFIG``."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import run as run_tool
+    return run_tool.main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

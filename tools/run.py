@@ -1,0 +1,61 @@
+"""Run a compression pipeline: ``python tools/run.py -c configs/ppocr_prune_quant.yml [-o Section.key=value ...]``.
+
+Other commands on the same config: ``--list`` (stages, status, metrics), ``--rollback-to STAGE`` (move the head
+back; later stages become stale, nothing is deleted), ``--dry-run`` (print what would run, and the plan of the next
+stage, writing nothing). Errors the user can fix are printed as one line; exit code 2 (3 for a failed quality gate).
+"""
+import zlib  # noqa: F401  (before paddle: see compress/__init__.py)
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from compress.errors import CompressError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", required=True, help="pipeline config (YAML)")
+    parser.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override config values; values are parsed as YAML")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--list", action="store_true", help="show stages, status and metrics of the run")
+    group.add_argument("--rollback-to", metavar="STAGE", help="move the head back to STAGE (nothing is deleted)")
+    group.add_argument("--dry-run", action="store_true", help="print what would run and the next plan; write nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        from compress.config import load_config
+        from compress.runner import Runner, print_listing
+        from compress.stages import STAGES
+
+        sections = {STAGES.get(name).section for name in STAGES.names()}
+        from compress.stages.base import PLANNED_STAGES
+        sections |= {name.capitalize() for name in PLANNED_STAGES}
+        cfg = load_config(args.config, args.opt, stage_sections=sections)
+        runner = Runner(cfg)
+        if args.list:
+            print_listing(runner)
+            return 0
+        if args.rollback_to:
+            runner.rollback(args.rollback_to)
+            return 0
+        if cfg.Global.demo_data and not args.dry_run:
+            from compress.data.demo import generate_demo_data
+            generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
+        runner.run(dry_run=args.dry_run)
+        return 0
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
