@@ -70,6 +70,7 @@ class StageContext:
     manifest: Manifest
     stage_index: int
     stage_count: int
+    work_dir: str = ""  # persistent scratch space for progress inside the stage (keyed by the config hash)
     dry_run: bool = False
     extras: Dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +112,14 @@ class Runner:
             for model_name in cfg.models:
                 raw = cfg.stage_section(stage.section, model_name) if stage.section else {}
                 where = f"{cfg.source_file}: {stage.section}"
-                self.stage_cfgs[stage.name, model_name] = parse_section(stage.config_cls, raw, where)
+                stage_cfg = parse_section(stage.config_cls, raw, where)
+                self.stage_cfgs[stage.name, model_name] = stage_cfg
+                requires = getattr(stage_cfg, "pipeline_requires", lambda: ())()
+                before = [s.name for s in self.stages[:self.stages.index(stage)]]
+                for needed in requires:
+                    if needed not in before:
+                        raise ConfigError(f"{where}: with these settings stage '{stage.name}' needs '{needed}' "
+                                          f"earlier in the Pipeline; add it, or change {stage.section}.mode")
         self._tasks = {}
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -214,7 +222,8 @@ class Runner:
             ctx = StageContext(model_name=model_name, model_cfg=self.cfg.models[model_name],
                                global_cfg=self.cfg.Global, task=self.task(model_name), out_dir=staging.path,
                                run_dir=self.run_dir, manifest=manifest, stage_index=index,
-                               stage_count=len(self.stages))
+                               stage_count=len(self.stages),
+                               work_dir=os.path.join(self.run_dir, "work", stage.name, model_name, config_hash))
             result = stage.run(state.model, stage_cfg, ctx)
             seconds = time.time() - started
             if result.weights_changed and result.passed:

@@ -7,8 +7,6 @@ Evaluation uses PP-OCR's own pieces: the transform list of the config's dataset 
 Every evaluation takes a ``predict`` callable (numpy batch -> numpy output), so dygraph models, Paddle Inference
 predictors and ONNX Runtime sessions are measured by the same code.
 """
-import json
-
 import numpy as np
 from tqdm import tqdm
 
@@ -141,9 +139,7 @@ class DetTask(Task):
 
     def read_labels(self, split_cfg):
         from compress.data.labels import read_det_labels
-        samples = read_det_labels(split_cfg.label_file, split_cfg.data_dir)
-        return [(s.image_path, json.dumps([{"transcription": b.transcription, "points": b.points}
-                                           for b in s.boxes], ensure_ascii=False)) for s in samples]
+        return [(str(s.image_path), s.label) for s in read_det_labels(split_cfg.label_file, split_cfg.data_dir)]
 
     def batches(self, split, batch_size=None, limit=None):
         return super().batches(split, batch_size=1, limit=limit)
@@ -163,8 +159,7 @@ class RecTask(Task):
 
     def read_labels(self, split_cfg):
         from compress.data.labels import read_rec_labels
-        samples = read_rec_labels(split_cfg.label_file, split_cfg.data_dir)
-        return [(s.image_path, s.label) for s in samples]
+        return [(str(s.image_path), s.label) for s in read_rec_labels(split_cfg.label_file, split_cfg.data_dir)]
 
     def _update_metric(self, metric, predict, batch):
         images = np.stack([s[0] for s in batch]).astype("float32")

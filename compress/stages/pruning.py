@@ -1,0 +1,227 @@
+"""Stages ``sensitivity`` (per-layer pruning sensitivity) and ``prune`` (structured filter pruning).
+
+The work is done by ``compress.pruning`` on top of PaddleSlim's dependency analysis; these classes connect it
+to the runner: which data is used to measure the metric, where progress is saved, what is recorded so that
+``restore`` can rebuild a pruned model from the kept channel indices alone.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import List, Literal, Optional
+
+from compress.checkpoint import atomic_write_json, atomic_write_text
+from compress.errors import CheckpointError, ConfigError
+from compress.measure import count_flops, count_params
+from compress.stages.base import Stage, StageResult, register_stage
+from compress.tasks import dygraph_predictor
+
+DEFAULT_SKIP = ("head.*",)
+
+
+def _check_criterion(name, where):
+    from compress.pruning.criteria import criterion_names
+    if name not in criterion_names():
+        raise ConfigError(f"{where}.criterion: {name!r} is not allowed; use one of: {', '.join(criterion_names())}")
+
+
+def _check_round_to(value, where):
+    if value < 1:
+        raise ConfigError(f"{where}.round_to: must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """``Sensitivity`` section."""
+
+    criterion: str = "l1_norm"
+    ratios: List[float] = (0.2, 0.4, 0.6)  # each layer is pruned alone at each ratio
+    skip: List[str] = DEFAULT_SKIP  # fnmatch globs of conv weights / layers left out (the first conv always is)
+    split: Literal["calibration", "eval"] = "calibration"  # labelled data the metric loss is measured on
+    limit: Optional[int] = 8  # samples of that split per evaluation
+    round_to: int = 8
+    top_k: int = 5  # most sensitive layers labelled in the plot
+
+    def validate(self, where):
+        _check_criterion(self.criterion, where)
+        _check_round_to(self.round_to, where)
+        if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
+            raise ConfigError(f"{where}.ratios: each ratio must be in (0, 1), got {list(self.ratios)}")
+
+
+def _trace(model, ctx):
+    from compress.pruning.trace import trace_model
+    return trace_model(model, [ctx.task.example_input()])
+
+
+@register_stage
+class SensitivityStage(Stage):
+    """Prunes each prunable conv alone at each ratio of the grid and measures the metric; resumable."""
+
+    name = "sensitivity"
+    section = "Sensitivity"
+    config_cls = SensitivityConfig
+    allowed_after = ("baseline", "eval", "finetune")
+    summary = "metric loss of each conv pruned alone, per ratio"
+
+    def _layers(self, model, cfg, trace):
+        from compress.pruning.selection import prunable_layers
+        return prunable_layers(model, tuple(cfg.skip), trace=trace, round_to=cfg.round_to)
+
+    def run(self, model, cfg, ctx):
+        from compress.pruning.sensitivity import analyze_sensitivity, plot_sensitivity, rank_layers
+        trace = _trace(model, ctx)
+        layers = self._layers(model, cfg, trace)
+        task = ctx.task
+        main = task.main_metric
+
+        def eval_fn(candidate):
+            return task.evaluate(dygraph_predictor(candidate), split=cfg.split, limit=cfg.limit,
+                                 desc="sensitivity eval")[main]
+
+        os.makedirs(ctx.work_dir, exist_ok=True)
+        task.show_progress, shown = False, task.show_progress  # one bar for the whole analysis, not per eval
+        try:
+            sens = analyze_sensitivity(model, None, layers, cfg.ratios, cfg.criterion, eval_fn,
+                                       os.path.join(ctx.work_dir, "sensitivity_state.json"), show_progress=shown,
+                                       trace=trace, round_to=cfg.round_to,
+                                       settings_tag={"split": cfg.split, "limit": cfg.limit, "metric": main})
+        finally:
+            task.show_progress = shown
+        baseline = next(iter(sens.values()))[0.0] if sens else None
+        ranked = rank_layers(sens, baseline)
+        save_sensitivity(sens, os.path.join(ctx.out_dir, "sensitivity.json"))
+        plot_sensitivity(sens, os.path.join(ctx.out_dir, "sensitivity.png"), top_k=cfg.top_k, baseline=baseline)
+        atomic_write_text(os.path.join(ctx.out_dir, "sensitivity.md"), ranked_table(sens, ranked, baseline, main))
+        top = ranked[:cfg.top_k]
+        return StageResult(model=model,
+                           metrics={f"{main}_unpruned": baseline, "layers": len(layers),
+                                    "evaluations": len(layers) * len(cfg.ratios)},
+                           metadata={"most_sensitive": top},
+                           message=f"most sensitive: {', '.join(_short(n) for n in top[:3])}")
+
+    def dry_run(self, model, cfg, ctx):
+        layers = self._layers(model, cfg, _trace(model, ctx))
+        return (f"  {len(layers)} prunable convs x {len(cfg.ratios)} ratios = {len(layers) * len(cfg.ratios)} "
+                f"evaluations on {cfg.limit or 'all'} {cfg.split} samples with criterion {cfg.criterion}")
+
+
+def _short(name):
+    return name.replace(".reparam_conv", "").rsplit(".weight", 1)[0]
+
+
+def save_sensitivity(sens, path):
+    atomic_write_json(path, {layer: {f"{r:g}": m for r, m in sorted(curve.items())} for layer, curve in sens.items()})
+
+
+def load_sensitivity(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return {layer: {float(r): m for r, m in curve.items()} for layer, curve in data.items()}
+
+
+def ranked_table(sens, ranked, baseline, metric):
+    ratios = sorted({r for curve in sens.values() for r in curve if r > 0})
+    lines = [f"# Pruning sensitivity ({metric} loss in points, unpruned {metric} = {baseline:.4f})", "",
+             "| rank | layer | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    for rank, layer in enumerate(ranked, 1):
+        cells = " | ".join(f"{(baseline - sens[layer][r]) * 100:+.1f}" for r in ratios)
+        lines.append(f"| {rank} | `{_short(layer)}` | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``Prune`` section."""
+
+    criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm
+    mode: Literal["flops_target", "loss_budget", "uniform"] = "flops_target"
+    flops_target: float = 0.4  # flops_target: fraction of FLOPs to remove, ratios chosen from the sensitivity
+    max_loss: float = 0.01  # loss_budget: per layer, the largest ratio whose metric loss stays within this
+    ratio: float = 0.3  # uniform: the same ratio for every prunable conv
+    skip: List[str] = DEFAULT_SKIP
+    round_to: int = 8  # kept channel counts are multiples of this (INT8 kernels like 8)
+
+    def validate(self, where):
+        _check_criterion(self.criterion, where)
+        _check_round_to(self.round_to, where)
+        if not 0.0 < self.flops_target < 1.0:
+            raise ConfigError(f"{where}.flops_target: must be in (0, 1), got {self.flops_target}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"{where}.ratio: must be in [0, 1), got {self.ratio}")
+
+    def pipeline_requires(self):
+        return () if self.mode == "uniform" else ("sensitivity",)
+
+
+@register_stage
+class PruneStage(Stage):
+    """Removes whole conv filters; records the kept channel indices so ``restore`` needs no data or search."""
+
+    name = "prune"
+    section = "Prune"
+    config_cls = PruneConfig
+    allowed_after = ("baseline", "sensitivity", "eval", "finetune")
+    summary = "structured filter pruning"
+
+    def plan(self, model, cfg, ctx):
+        """The pruning plan for ``model`` (nothing is changed)."""
+        from compress.pruning.plan import make_plan
+        from compress.pruning.selection import prunable_layers
+        from compress.pruning.sensitivity import ratios_for_flops_target, ratios_from_loss_budget
+        trace = _trace(model, ctx)
+        if cfg.mode == "uniform":
+            layers = prunable_layers(model, tuple(cfg.skip), trace=trace, round_to=cfg.round_to)
+            return make_plan(model, None, {layer: cfg.ratio for layer in layers}, cfg.criterion,
+                             round_to=cfg.round_to, trace=trace)
+        sens_path = os.path.join(ctx.stage_dir("sensitivity"), "sensitivity.json")
+        sens = load_sensitivity(sens_path)
+        skipped = _skipped(sens, cfg.skip)
+        sens = {k: v for k, v in sens.items() if k not in skipped}
+        if not sens:
+            raise ConfigError(f"Prune.skip: every analysed layer is skipped ({', '.join(cfg.skip)}); loosen it")
+        if cfg.mode == "flops_target":
+            _, plan, _ = ratios_for_flops_target(sens, None, cfg.flops_target, None, model, trace,
+                                                 criterion=cfg.criterion, round_to=cfg.round_to)
+            return plan
+        ratios = {k: v for k, v in ratios_from_loss_budget(sens, None, cfg.max_loss).items() if v > 0}
+        return make_plan(model, None, ratios, cfg.criterion, round_to=cfg.round_to, trace=trace)
+
+    def run(self, model, cfg, ctx):
+        from compress.pruning.plan import apply_plan, format_plan
+        started = time.time()
+        plan = self.plan(model, cfg, ctx)
+        plan_seconds = time.time() - started
+        apply_plan(model, plan)
+        model.eval()
+        atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
+        atomic_write_text(os.path.join(ctx.out_dir, "plan.txt"), format_plan(plan) + "\n")
+        metrics = ctx.task.evaluate(dygraph_predictor(model), desc=f"pruned {ctx.model_name}")
+        shape = [1] + list(ctx.model_cfg.Input.example_shape)
+        metrics.update(params=count_params(model), flops=count_flops(model, shape),
+                       plan_flops_before=plan.flops_before, plan_flops_after=plan.flops_after,
+                       flops_reduction=round(plan.flops_reduction, 4),
+                       params_reduction=round(plan.params_reduction, 4), plan_seconds=round(plan_seconds, 1))
+        pruned = sum(1 for d in plan.decisions if d.status == "pruned")
+        return StageResult(model=model, metrics=metrics, metadata={"plan": json.loads(plan.to_json())},
+                           weights_changed=True,
+                           message=f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, "
+                                   f"{pruned} convs pruned ({cfg.criterion})")
+
+    def restore(self, model, cfg, metadata):
+        from compress.pruning.plan import PrunePlan, apply_plan
+        if "plan" not in metadata:
+            raise CheckpointError("prune checkpoint has no recorded plan; re-run the prune stage")
+        apply_plan(model, PrunePlan.from_json(json.dumps(metadata["plan"])))
+        return model
+
+    def dry_run(self, model, cfg, ctx):
+        from compress.pruning.plan import format_plan
+        return format_plan(self.plan(model, cfg, ctx))
+
+
+def _skipped(sens, patterns):
+    import fnmatch
+    return {layer for layer in sens for p in patterns
+            if fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(layer.rsplit(".", 1)[0], p)}
