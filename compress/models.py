@@ -109,9 +109,10 @@ def build_architecture(arch_cfg):
 def reparameterize(model):
     """Fuse every re-parameterisable layer into its deploy form, as PaddleOCR's export does.
 
-    Each layer with a ``rep()`` method (PPLCNetV3's ``LearnableRepLayer``) is fused; the training-only branches
-    it no longer runs (BN identity, kxk and 1x1 conv branches, and the activation of stride-2 layers) are removed,
-    so the state dict holds exactly the tensors the forward pass uses. Calling it twice is harmless.
+    Each layer with a ``rep()`` method (e.g. PPLCNetV3's ``LearnableRepLayer``) is fused. From fused
+    ``LearnableRepLayer`` s the training-only branches they no longer run (BN identity, kxk and 1x1 conv branches,
+    and the activation of stride-2 layers) are removed, so the state dict holds exactly the tensors the forward
+    pass uses. Calling it twice is harmless.
 
     Args:
         model: a ``paddle.nn.Layer``.
@@ -121,13 +122,16 @@ def reparameterize(model):
     """
     import paddle
 
+    ensure_ppocr()
+    from ppocr.modeling.backbones.rec_lcnetv3 import LearnableRepLayer
+
     fused = 0
     with paddle.no_grad():
         for layer in model.sublayers(include_self=True):
             if callable(getattr(layer, "rep", None)) and getattr(layer, "is_repped", None) is False:
                 layer.rep()
                 fused += 1
-            if getattr(layer, "is_repped", False):
+            if isinstance(layer, LearnableRepLayer) and layer.is_repped:
                 _drop_training_branches(layer)
     return fused
 
@@ -288,20 +292,19 @@ def _failing_section(traceback):
     return section
 
 
-def _drop_training_branches(layer):
-    for branch in ("identity", "conv_1x1"):
-        if getattr(layer, branch, None) is not None:
-            setattr(layer, branch, None)
-    if len(getattr(layer, "conv_kxk", ())):
-        import paddle
+def _drop_training_branches(rep_layer):
+    import paddle
 
-        layer.conv_kxk = paddle.nn.LayerList()
+    rep_layer.identity = None
+    rep_layer.conv_1x1 = None
+    if len(rep_layer.conv_kxk):
+        rep_layer.conv_kxk = paddle.nn.LayerList()
     # LearnableRepLayer.forward skips its activation on stride-2 layers; the unused parameters would otherwise
     # look like weights missing from every checkpoint.
-    if getattr(layer, "stride", None) == 2 and getattr(layer, "act", None) is not None:
-        layer.act = None
-    if hasattr(layer, "id_tensor"):
-        del layer.id_tensor
+    if rep_layer.stride == 2:
+        rep_layer.act = None
+    if hasattr(rep_layer, "id_tensor"):
+        del rep_layer.id_tensor
 
 
 def _has_unfused_rep_layers(model):

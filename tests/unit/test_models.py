@@ -2,6 +2,7 @@
 import compress  # noqa: F401  (imports zlib before paddle)
 
 import shutil
+import warnings
 
 import numpy as np
 import paddle
@@ -36,18 +37,32 @@ def one_thread():
     paddle.seed(0)
 
 
-def _randomised(model, seed):
-    """Give every tensor, BN statistics included, values a fresh build would not have."""
+def _randomised(model, seed, input_shape):
+    """Give every tensor values a fresh build would not have: noisy weights, BN statistics of a random batch."""
     rng = np.random.RandomState(seed)
-    for name, tensor in model.state_dict().items():
+    for tensor in model.state_dict().values():
         current = tensor.numpy()
-        # Noise relative to each tensor's own scale keeps activations alive through the whole network.
-        values = current + rng.standard_normal(current.shape).astype("float32") * (0.3 * np.abs(current).mean() + 0.05)
-        if name.endswith("_variance"):
-            # Fresh BN statistics (variance 1) let activations grow layer after layer until softmax saturates.
-            values = rng.uniform(3.0, 5.0, current.shape).astype("float32")
-        tensor.set_value(values)
+        noise = rng.standard_normal(current.shape).astype("float32") * (0.1 * np.abs(current).mean() + 0.01)
+        tensor.set_value(current + noise)
+    _set_bn_statistics_from_batch(model, rng.standard_normal(input_shape).astype("float32"))
     return model
+
+
+def _set_bn_statistics_from_batch(model, batch):
+    # Fresh statistics (mean 0, variance 1) let activations grow layer after layer until the softmax saturates,
+    # and then the outputs no longer show whether the weights were loaded.
+    norms = [layer for layer in model.sublayers() if hasattr(layer, "_momentum") and hasattr(layer, "_variance")]
+    momentums = [norm._momentum for norm in norms]
+    was_training = model.training
+    for norm in norms:
+        norm._momentum = 0.0
+    model.train()
+    with paddle.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nn.BatchNorm notes that training tracks statistics
+        model(paddle.to_tensor(batch))
+    for norm, momentum in zip(norms, momentums):
+        norm._momentum = momentum
+    model.train() if was_training else model.eval()
 
 
 def _run(model, shape, seed=1):
@@ -67,7 +82,7 @@ def _export(model, shape, prefix):
 def tiny_det_export(tmp_path_factory):
     """An exported tiny det model (random weights) and its outputs, shared because exporting takes seconds."""
     paddle.base.core.set_num_threads(1)
-    source = _randomised(models.build_model(TINY_DET, {"random": True}), seed=5)
+    source = _randomised(models.build_model(TINY_DET, {"random": True}), 5, DET_INPUT_SHAPE)
     expected = _run(source, DET_INPUT_SHAPE)
     model_dir = tmp_path_factory.mktemp("tiny_det_infer")
     _export(source, DET_INPUT_SHAPE, model_dir / "inference")
@@ -76,7 +91,7 @@ def tiny_det_export(tmp_path_factory):
 
 @pytest.mark.parametrize("fused_before_saving", [False, True], ids=["paddleocr_training", "fused"])
 def test_checkpoint_round_trip_reproduces_outputs(tmp_path, fused_before_saving):
-    source = _randomised(models.build_architecture(TINY_REC), seed=3)
+    source = _randomised(models.build_architecture(TINY_REC), 3, REC_INPUT_SHAPE)
     if fused_before_saving:
         models.reparameterize(source)
     path = tmp_path / "best_accuracy.pdparams"
@@ -140,7 +155,7 @@ def test_missing_checkpoint_raises_input_error(tmp_path):
 
 
 def test_reparameterize_fuses_once_and_keeps_outputs():
-    model = _randomised(models.build_architecture(TINY_REC), seed=4)
+    model = _randomised(models.build_architecture(TINY_REC), 4, REC_INPUT_SHAPE)
     model.eval()
     before = _run(model, REC_INPUT_SHAPE)
 
@@ -149,7 +164,7 @@ def test_reparameterize_fuses_once_and_keeps_outputs():
     names = list(model.state_dict())
     assert not [name for name in names if ".conv_kxk." in name or ".identity." in name or ".conv_1x1." in name]
     assert any(".reparam_conv." in name for name in names)
-    np.testing.assert_allclose(_run(model, REC_INPUT_SHAPE), before, atol=1e-5)
+    np.testing.assert_allclose(_run(model, REC_INPUT_SHAPE), before, atol=1e-4)
 
 
 def test_inference_dir_round_trip_leaves_only_threshold_branch_unfilled(tiny_det_export):
