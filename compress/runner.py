@@ -172,6 +172,7 @@ class Runner:
             GateError: when a stage's quality gate fails and the stage's policy is to stop.
         """
         manifest = Manifest.load(self.run_dir)
+        set_threads(self.cfg.Global.threads)
         if not dry_run:
             os.makedirs(self.run_dir, exist_ok=True)
             dump_config(self.cfg, os.path.join(self.run_dir, "config.yml"))
@@ -323,6 +324,12 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def set_threads(threads):
+    """CPU math threads for dygraph execution (Paddle 2.6 has no public ``paddle.set_num_threads``)."""
+    from paddle.base import core
+    core.set_num_threads(int(threads))
 
 
 def load_weights(model, path, what):

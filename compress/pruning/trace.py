@@ -36,7 +36,7 @@ class GroupMember:
     """One tensor that loses channels when the group's master conv is pruned.
 
     Attributes:
-        name: structured name of the parameter or buffer (``state_dict`` key).
+        name: structured name of the parameter (``state_dict`` key; BatchNorm statistics are parameters).
         axis: axis of that tensor that is sliced.
         transforms: PaddleSlim mask transforms mapping the master's channel mask onto this tensor's axis.
         op_type: type of the operator that uses the tensor (``conv2d``, ``batch_norm``, ...).
@@ -57,10 +57,6 @@ class PruneGroup:
     members: tuple
     bn_scale: str = None  # the BatchNorm scale right after the master conv, if any
 
-    def member_names(self):
-        """Names of all tensors touched by this group."""
-        return sorted({member.name for member in self.members})
-
 
 @dataclasses.dataclass
 class PruningTrace:
@@ -70,10 +66,12 @@ class PruningTrace:
         groups: conv weight name -> :class:`PruneGroup`, for every conv that can be a pruning master.
         skipped: conv weight name -> reason it cannot be a pruning master.
         conv_order: conv weight names in forward order.
-        shapes: shape of every parameter/buffer used by the traced forward.
+        shapes: shape of every parameter (BatchNorm statistics included) used by the traced forward.
         macs_per_weight: weight name -> multiply-accumulates per weight element (output pixels of a conv, rows
             of a linear layer): ``MACs = macs_per_weight * numel(weight)`` also after pruning.
         layer_of: parameter/buffer name -> structured name of the layer that owns it.
+        trainable: names of the trainable parameters used by the traced forward.
+        conv_groups: conv weight name -> ``groups`` of the conv.
         input_shapes: shapes of the example inputs the trace was made with.
         seconds: how long tracing took.
     """
@@ -84,6 +82,8 @@ class PruningTrace:
     shapes: dict
     macs_per_weight: dict
     layer_of: dict
+    trainable: list
+    conv_groups: dict
     input_shapes: list
     seconds: float
 
@@ -134,14 +134,12 @@ def _example_arrays(example_inputs):
 
 
 def _tensor_names(model):
-    """Paddle tensor name -> (structured name, owning layer name) for parameters and buffers."""
+    """Paddle tensor name -> (structured name, owning layer name, trainable) for every parameter."""
     names = {}
     for layer_name, layer in model.named_sublayers(include_self=True):
         for local, param in layer.named_parameters(include_sublayers=False):
-            names[param.name] = (f"{layer_name}.{local}" if layer_name else local, layer_name)
-        for local, buffer in layer.named_buffers(include_sublayers=False):
-            if buffer is not None:
-                names[buffer.name] = (f"{layer_name}.{local}" if layer_name else local, layer_name)
+            structured = f"{layer_name}.{local}" if layer_name else local
+            names[param.name] = (structured, layer_name, bool(param.trainable))
     return names
 
 
@@ -182,9 +180,9 @@ def _macs_multiplier(op):
     return int(math.prod(abs(d) for d in x_shape[:-1]))
 
 
-def _grouped_conv_problem(graph_ops_by_filter, members, shapes):
+def _grouped_conv_problem(conv_ops, members):
     for member in members:
-        op = graph_ops_by_filter.get(member.name)
+        op = conv_ops.get(member.name)
         if op is None:
             continue
         groups = op.attr("groups") or 1
@@ -197,8 +195,8 @@ def _grouped_conv_problem(graph_ops_by_filter, members, shapes):
 def trace_model(model, example_inputs):
     """Trace ``model`` once and return its pruning groups.
 
-    The model is traced in eval mode (the deploy forward) and its training flag is restored afterwards; its
-    weights and structure are not changed.
+    The model is traced in eval mode (the deploy forward) and every layer's training flag is restored afterwards;
+    its weights and structure are not changed. Tracing takes about a second for PP-OCRv4 det or rec.
 
     Args:
         model: a ``paddle.nn.Layer``.
@@ -211,7 +209,7 @@ def trace_model(model, example_inputs):
     started = time.perf_counter()
     arrays = _example_arrays(example_inputs)
     names = _tensor_names(model)
-    was_training = model.training
+    training_flags = [(layer, layer.training) for layer in model.sublayers(include_self=True)]
     model.eval()
     try:
         with traceable():
@@ -219,8 +217,10 @@ def trace_model(model, example_inputs):
             graph = _IndexedGraph(program)
             trace = _build_trace(graph, names)
     finally:
-        if was_training:
-            model.train()
+        if not paddle.in_dynamic_mode():  # dygraph2program leaves static mode on when the forward raises
+            paddle.disable_static()
+        for layer, training in training_flags:
+            layer.training = training
     trace.input_shapes = [list(a.shape) for a in arrays]
     trace.seconds = time.perf_counter() - started
     _LOG.info("traced %d prunable convs (%d skipped) in %.1fs", len(trace.groups), len(trace.skipped),
@@ -228,50 +228,68 @@ def trace_model(model, example_inputs):
     return trace
 
 
-def _build_trace(graph, names):
-    shapes, layer_of, macs, conv_ops, conv_order = {}, {}, {}, {}, []
-    for var_name, (structured, layer_name) in names.items():
+def _used_tensors(graph, names):
+    """Shapes, owning layers and trainable names of the parameters the traced forward reads."""
+    shapes, layer_of, trainable = {}, {}, []
+    for var_name, (structured, layer_name, is_trainable) in names.items():
         var = graph.var(var_name)
         if var is not None and graph.consumers.get(var_name):
             shapes[structured] = [int(d) for d in var.shape()]
             layer_of[structured] = layer_name
+            if is_trainable:
+                trainable.append(structured)
+    return shapes, layer_of, trainable
+
+
+def _weighted_ops(graph, names):
+    """MACs per weight element of every conv/Linear weight, and the conv ops in forward order."""
+    macs, conv_ops = {}, {}
     for op in graph.ops():
-        if op.type() in _CONV_OPS + _LINEAR_OPS:
-            weight_slot = "Filter" if op.type() in _CONV_OPS else "Y"
-            weights = op.inputs(weight_slot)
-            if not weights or weights[0].name() not in names:
-                continue
-            weight = names[weights[0].name()][0]
-            macs[weight] = macs.get(weight, 0) + _macs_multiplier(op)
-            if op.type() in _CONV_OPS and weight not in conv_ops:
-                conv_ops[weight] = op
-                conv_order.append(weight)
+        if op.type() not in _CONV_OPS + _LINEAR_OPS:
+            continue
+        weights = op.inputs("Filter" if op.type() in _CONV_OPS else "Y")
+        if not weights or weights[0].name() not in names:
+            continue  # a matmul between two activations (attention)
+        weight = names[weights[0].name()][0]
+        macs[weight] = macs.get(weight, 0) + _macs_multiplier(op)
+        if op.type() in _CONV_OPS:
+            conv_ops.setdefault(weight, op)
+    return macs, conv_ops
+
+
+def _group_or_reason(graph, names, conv_ops, weight, channels, leaves):
+    op = conv_ops[weight]
+    if (op.attr("groups") or 1) > 1:
+        return None, "depth-wise/grouped conv: follows its input channels, never a master"
+    try:
+        found = _walk_group(graph, op.inputs("Filter")[0], leaves)
+    except UnsupportOpError as error:
+        return None, _reason(error)
+    except AssertionError as error:
+        return None, f"PaddleSlim worker assertion: {error}"
+    members = _members(found, names)
+    problem = _grouped_conv_problem(conv_ops, members)
+    if problem:
+        return None, problem
+    return PruneGroup(master=weight, channels=channels, members=members,
+                      bn_scale=_bn_scale_after(graph, op, names)), None
+
+
+def _build_trace(graph, names):
+    shapes, layer_of, trainable = _used_tensors(graph, names)
+    macs, conv_ops = _weighted_ops(graph, names)
     leaves = graph.leaves()
     groups, skipped = {}, {}
-    for weight in conv_order:
-        op = conv_ops[weight]
-        filter_var = op.inputs("Filter")[0]
-        groups_attr = op.attr("groups") or 1
-        if groups_attr > 1:
-            skipped[weight] = "depth-wise/grouped conv: follows its input channels, never a master"
-            continue
-        try:
-            found = _walk_group(graph, filter_var, leaves)
-        except UnsupportOpError as error:
-            skipped[weight] = _reason(error)
-            continue
-        except AssertionError as error:
-            skipped[weight] = f"PaddleSlim worker assertion: {error}"
-            continue
-        members = _members(found, names)
-        problem = _grouped_conv_problem(conv_ops, members, shapes)
-        if problem:
-            skipped[weight] = problem
-            continue
-        groups[weight] = PruneGroup(master=weight, channels=shapes[weight][0], members=members,
-                                    bn_scale=_bn_scale_after(graph, op, names))
-    return PruningTrace(groups=groups, skipped=skipped, conv_order=conv_order, shapes=shapes,
-                        macs_per_weight=macs, layer_of=layer_of, input_shapes=[], seconds=0.0)
+    for weight in conv_ops:
+        group, reason = _group_or_reason(graph, names, conv_ops, weight, shapes[weight][0], leaves)
+        if group is None:
+            skipped[weight] = reason
+        else:
+            groups[weight] = group
+    return PruningTrace(groups=groups, skipped=skipped, conv_order=list(conv_ops), shapes=shapes,
+                        macs_per_weight=macs, layer_of=layer_of, trainable=trainable,
+                        conv_groups={weight: int(op.attr("groups") or 1) for weight, op in conv_ops.items()},
+                        input_shapes=[], seconds=0.0)
 
 
 def _reason(error):
