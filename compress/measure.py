@@ -8,23 +8,19 @@ def count_params(model):
 
 
 def count_flops(model, input_shape):
-    """Multiply-accumulate count of one forward pass at ``input_shape`` (N, C, H, W), via ``paddle.flops``.
+    """Multiply-accumulates of one forward pass at ``input_shape`` (N, C, H, W).
 
-    ``paddle.flops`` hooks the standard layers (Conv2D, Linear, BatchNorm, pooling, activations); matrix products
-    written as ``paddle.matmul`` inside custom layers (SVTR attention) are not counted, and neither is activation
-    memory traffic. The number is comparable between a model and its pruned version, which is what it is for.
+    Counted from the traced program, as pruning plans count them (``compress.pruning.plan.FLOPS_COUNTED``):
+    conv2d / depthwise_conv2d and Linear matmuls; bias adds, activations, BatchNorm, pooling, upsampling and
+    attention matmuls are not counted, and neither is activation memory traffic. ``paddle.flops`` is not used:
+    it leaves ``total_ops`` buffers in the model's state dict.
     """
-    import contextlib
-    import io
+    import numpy as np
 
-    import paddle
-    was_training = model.training
-    model.eval()
-    with contextlib.redirect_stdout(io.StringIO()):
-        flops = paddle.flops(model, list(input_shape), print_detail=False)
-    if was_training:
-        model.train()
-    return int(flops)
+    from compress.pruning.plan import make_plan
+    from compress.pruning.trace import trace_model
+    example = np.zeros(list(input_shape), dtype="float32")
+    return int(make_plan(model, None, {}, trace=trace_model(model, [example])).flops_before)
 
 
 def dir_size(path):
