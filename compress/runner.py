@@ -121,6 +121,8 @@ class Runner:
                         raise ConfigError(f"{where}: with these settings stage '{stage.name}' needs '{needed}' "
                                           f"earlier in the Pipeline; add it, or change {stage.section}.mode")
         self._tasks = {}
+        # CPU results differ in the last bits between thread counts: every process of a run uses the same.
+        set_threads(cfg.Global.threads)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -172,7 +174,6 @@ class Runner:
             GateError: when a stage's quality gate fails and the stage's policy is to stop.
         """
         manifest = Manifest.load(self.run_dir)
-        set_threads(self.cfg.Global.threads)
         if not dry_run:
             os.makedirs(self.run_dir, exist_ok=True)
             dump_config(self.cfg, os.path.join(self.run_dir, "config.yml"))
@@ -232,6 +233,7 @@ class Runner:
                 weights_path = os.path.join(staging.path, WEIGHTS_FILE)
                 paddle.save(result.model.state_dict(), weights_path)
                 result.metrics.setdefault("weights_bytes", os.path.getsize(weights_path))
+                result.metadata.setdefault("output_sha256", output_digest(result.model, ctx.task))
             atomic_write_json(os.path.join(staging.path, "stage.json"), {
                 "stage": stage.name, "model": model_name, "config": to_plain(stage_cfg),
                 "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
@@ -324,6 +326,14 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def output_digest(model, task):
+    """sha256 of the model's output on the task's example input: a restored checkpoint must reproduce it."""
+    import hashlib
+
+    from compress.tasks import dygraph_predictor
+    return hashlib.sha256(dygraph_predictor(model)(task.example_input()).tobytes()).hexdigest()
 
 
 def set_threads(threads):

@@ -31,12 +31,9 @@ def main(argv=None):
     try:
         from compress.config import load_config
         from compress.runner import Runner, print_listing
-        from compress.stages import STAGES
+        from compress.stages import stage_sections
 
-        sections = {STAGES.get(name).section for name in STAGES.names()}
-        from compress.stages.base import PLANNED_STAGES
-        sections |= {name.capitalize() for name in PLANNED_STAGES}
-        cfg = load_config(args.config, args.opt, stage_sections=sections)
+        cfg = load_config(args.config, args.opt, stage_sections=stage_sections())
         runner = Runner(cfg)
         if args.list:
             print_listing(runner)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.stages.base import PLANNED_STAGES, STAGES, Stage, StageResult
+from compress.stages import stage_sections
+from compress.stages.base import STAGES, Stage, StageResult
 
 CALLS = []  # (stage, model) of every run() in this process
 
@@ -87,7 +88,7 @@ for _cls in (TInit, TPerturb, TPerturb2, TCheck):
     if _cls.name not in STAGES:
         STAGES.register(_cls.name, _cls)
 
-SECTIONS = {STAGES.get(n).section for n in STAGES.names()} | {n.capitalize() for n in PLANNED_STAGES}
+SECTIONS = stage_sections()
 
 
 def write_config(folder, pipeline=("t_init", "t_perturb", "t_check"), extra=""):
@@ -111,10 +112,10 @@ def write_config(folder, pipeline=("t_init", "t_perturb", "t_check"), extra=""):
 
 def main(argv):
     """Entry point for subprocess tests: ``python -m tests.helpers.dummy_stages -c CONFIG``."""
+    import runpy
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-    import run as run_tool
-    return run_tool.main(argv)
+    run_tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "..", "tools", "run.py"))
+    return run_tool["main"](argv)
 
 
 if __name__ == "__main__":

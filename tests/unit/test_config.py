@@ -8,11 +8,10 @@ import pytest
 
 from compress.config import load_config, parse_override
 from compress.errors import ConfigError
-from compress.stages import STAGES
-from compress.stages.base import PLANNED_STAGES
+from compress.stages import stage_sections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTIONS = {STAGES.get(n).section for n in STAGES.names()} | {n.capitalize() for n in PLANNED_STAGES}
+SECTIONS = stage_sections()
 
 MODEL = textwrap.dedent("""
     Global: {task: rec, character_dict_path: dict.txt}
