@@ -7,6 +7,8 @@ Evaluation uses PP-OCR's own pieces: the transform list of the config's dataset 
 Every evaluation takes a ``predict`` callable (numpy batch -> numpy output), so dygraph models, Paddle Inference
 predictors and ONNX Runtime sessions are measured by the same code.
 """
+import copy
+
 import numpy as np
 from tqdm import tqdm
 
@@ -67,7 +69,8 @@ class Task:
             return self._cache[key]
         from ppocr.data.imaug import create_operators, transform
 
-        ops = create_operators([dict(t) for t in split_cfg.transforms], self.global_config)
+        # ppocr's create_operators updates each op's arguments in place: hand it a copy of the frozen config
+        ops = create_operators(copy.deepcopy([dict(t) for t in split_cfg.transforms]), self.global_config)
         records = self.read_labels(split_cfg)
         if limit is not None:
             records = records[:limit]

@@ -173,8 +173,12 @@ def quantize_post_static(float_model_dir, out_dir, calib_batches, *, isolated=Tr
     import multiprocessing
 
     batches = materialize_batches(calib_batches, kwargs.pop("batch_nums", None))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
         return pool.apply(_quantize, (float_model_dir, out_dir, batches), kwargs)
+    finally:
+        pool.close()  # close + join, not terminate: Paddle prints a fatal-error banner on SIGTERM
+        pool.join()
 
 
 def _quantize(float_model_dir, out_dir, calib_batches, *, algo="hist", hist_percent=0.9999,
@@ -212,7 +216,9 @@ def _quantize(float_model_dir, out_dir, calib_batches, *, algo="hist", hist_perc
     batches = materialize_batches(calib_batches, batch_nums)
     start = time.time()
     feed_names = read_feed_names(float_model_dir)
-    work_dir = tempfile.mkdtemp(prefix=".ptq-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=".ptq-", dir=parent)
     try:
         with static_mode(), paddle.static.scope_guard(paddle.static.Scope()):
             quant_post_static(
@@ -316,7 +322,12 @@ def layer_quant_sensitivity(float_model_dir, calib_batches, eval_fn, *, mode="al
         results = []
         for layer in layers:
             skip = [layer] if mode == "all_but_one" else [name for name in all_layers if name != layer]
-            quantize_post_static(float_model_dir, variant_dir, batches, skip_tensor_list=skip, **ptq_kwargs)
+            try:
+                quantize_post_static(float_model_dir, variant_dir, batches, skip_tensor_list=skip, **ptq_kwargs)
+            except ValueError as error:  # Paddle 2.6 PTQ: "Generated graph shouldn't contain cycle" for some skips
+                logger.warning("sensitivity: cannot keep %s float (%s); not a fallback candidate", layer,
+                               str(error).splitlines()[0])
+                continue
             metric = eval_fn(variant_dir)
             gain = metric - reference if mode == "all_but_one" else reference - metric
             results.append(LayerSensitivity(layer, metric, gain))
@@ -375,8 +386,13 @@ def ptq_with_fallback(float_model_dir, out_dir, calib_batches, eval_fn, *, max_d
     if float_metric - metric > max_drop and max_skipped > 0:
         ranking = sensitivity or layer_quant_sensitivity(float_model_dir, batches, eval_fn, **ptq_kwargs)
         for item in ranking[:max_skipped]:
+            try:
+                quant = quantize_post_static(float_model_dir, out_dir, batches, skip_tensor_list=skipped + [item.layer],
+                                             **ptq_kwargs)
+            except ValueError as error:  # see layer_quant_sensitivity; out_dir keeps the last good model
+                logger.warning("fallback: cannot keep %s float (%s)", item.layer, str(error).splitlines()[0])
+                continue
             skipped.append(item.layer)
-            quant = quantize_post_static(float_model_dir, out_dir, batches, skip_tensor_list=skipped, **ptq_kwargs)
             metric = eval_fn(out_dir)
             history.append((len(skipped), metric))
             logger.info("fallback: %d layers float, metric %.4f (float %.4f)", len(skipped), metric, float_metric)

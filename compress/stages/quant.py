@@ -84,7 +84,7 @@ def _fan_in_order(model_dir, op_types):
             os.path.dirname(files.model_file), paddle.static.Executor(paddle.CPUPlace()),
             model_filename=os.path.basename(files.model_file),
             params_filename=os.path.basename(files.params_file))
-        shapes = {var.name: list(var.shape) for var in program.list_vars() if var.persistable}
+        shapes = {name: list(program.global_block().var(name).shape) for name in layers}
     fan_in = {name: int(np.prod(shapes[name][1:])) if len(shapes.get(name, ())) == 4 else 0 for name in layers}
     return sorted(layers, key=lambda name: -fan_in[name])
 

@@ -1,0 +1,366 @@
+"""Stage ``export``: deployable Paddle Inference and ONNX models with deploy configs, parity-checked.
+
+Writes into the stage checkpoint, per model:
+
+* ``fp32/``: the current model (``paddle.jit.save``), ``model.onnx``, ``deploy.yml`` and ``deploy_<backend>.yml``;
+* ``baseline_fp32/``: the same for the baseline weights, when a later stage changed them (for A/B comparison);
+* ``int8/``: the quant stage's INT8 Paddle model and its ONNX Runtime INT8 model (those that passed its gate; when
+  it made no ONNX model, a paddle2onnx conversion of the Paddle QDQ model), with INT8 deploy configs;
+* ``parity.json``: every parity report.
+
+Every exported model is run through ``create_predictor`` per backend on real eval images and compared with the
+dygraph model (float: raw outputs; INT8: decoded agreement); the ONNX model is also compared with the Paddle model.
+A backend this machine cannot run (TensorRT on a CPU-only Paddle) falls back to CPU, exactly as ``create_predictor``
+does, and its report says so. Any parity out of tolerance fails the stage's gate. The dygraph model is unchanged.
+"""
+import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import List, Literal
+
+from compress.errors import CompressError, ConfigError
+from compress.stages.base import Stage, StageResult, register_stage
+from export.deploy import ONNX_FILE, DeploySettings, ShapeRangePlan, attach_shape_range_file, build_deploy_config, \
+    collect_shape_range_file, plan_dynamic_shapes, shape_range_plan, write_deploy_bundle
+from export.exporter import ParityTolerance, compare_outputs, dygraph_outputs, export_inference_model, \
+    model_bytes, predictor_outputs
+from export.predictor import BACKENDS, PRECISIONS, detect_capabilities, find_model_files, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+FP32_DIR, BASELINE_DIR, INT8_DIR = "fp32", "baseline_fp32", "int8"
+QUANT_INT8_DIR, QUANT_ONNX_DIR = "int8", "int8_onnx"  # compress.stages.quant writes these
+PARITY_FILE = "parity.json"
+WEIGHTS_FILE = "model.pdparams"
+# paddle2onnx 1.3.1 converts for opsets 7..16
+OPSET_RANGE = (7, 16)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``Export`` section.
+
+    Attributes:
+        backends: deploy configs to write and check: paddle_cpu, onnxruntime, paddle_trt, paddle_gpu.
+        precisions: fp32 (always exported), int8 (when a quant stage ran), fp16 (GPU backends' configs only).
+        opset: ONNX opset requested from paddle2onnx.
+        threads: CPU threads in the deploy configs (and for the parity runs).
+        mkldnn: oneDNN on CPU.
+        trt_workspace_mb / trt_min_subgraph_size / trt_use_static: TensorRT settings.
+        parity_samples: eval samples compared per backend (det: images, rec: text lines).
+        fp32_max_abs_diff / fp16_max_abs_diff: float tolerances on raw outputs.
+        int8_det_mean_abs_diff / int8_det_map_agreement / int8_rec_sequence_agreement: INT8 tolerances.
+        export_baseline: also export the baseline weights (``baseline_fp32/``) for the A/B comparison.
+        on_gate_fail: ``stop`` the pipeline, or ``continue`` when a parity check fails.
+    """
+
+    backends: List[Literal[BACKENDS]] = ("paddle_cpu", "onnxruntime", "paddle_trt")
+    precisions: List[Literal[PRECISIONS]] = ("fp32", "int8")
+    opset: int = 13
+    threads: int = 1
+    mkldnn: bool = True
+    trt_workspace_mb: int = 1024
+    trt_min_subgraph_size: int = 3
+    trt_use_static: bool = True
+    parity_samples: int = 4
+    fp32_max_abs_diff: float = 2e-4
+    fp16_max_abs_diff: float = 1e-2
+    int8_det_mean_abs_diff: float = 0.03
+    int8_det_map_agreement: float = 0.97
+    int8_rec_sequence_agreement: float = 0.85
+    export_baseline: bool = True
+    on_gate_fail: Literal["stop", "continue"] = "stop"
+
+    def validate(self, where):
+        for key in ("backends", "precisions"):
+            values = list(getattr(self, key))
+            if not values:
+                raise ConfigError(f"{where}.{key}: list at least one")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{where}.{key}: {values} lists a value twice")
+        if "fp16" in self.precisions and not set(self.backends) & {"paddle_gpu", "paddle_trt"}:
+            raise ConfigError(f"{where}.precisions: fp16 needs paddle_gpu or paddle_trt in {where}.backends")
+        if not OPSET_RANGE[0] <= self.opset <= OPSET_RANGE[1]:
+            raise ConfigError(f"{where}.opset: {self.opset} is outside paddle2onnx 1.3.1's range "
+                              f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]}")
+        for key in ("threads", "trt_workspace_mb", "trt_min_subgraph_size", "parity_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("fp32_max_abs_diff", "fp16_max_abs_diff", "int8_det_mean_abs_diff"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be > 0, got {getattr(self, key)}")
+        for key in ("int8_det_map_agreement", "int8_rec_sequence_agreement"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"{where}.{key}: a fraction in (0, 1], got {getattr(self, key)}")
+
+    def settings(self):
+        return DeploySettings(threads=self.threads, mkldnn=self.mkldnn, trt_workspace_mb=self.trt_workspace_mb,
+                              trt_min_subgraph_size=self.trt_min_subgraph_size, trt_use_static=self.trt_use_static)
+
+    def tolerance(self):
+        return ParityTolerance(fp32_max_abs_diff=self.fp32_max_abs_diff, fp16_max_abs_diff=self.fp16_max_abs_diff,
+                               int8_det_mean_abs_diff=self.int8_det_mean_abs_diff,
+                               int8_det_map_agreement=self.int8_det_map_agreement,
+                               int8_rec_sequence_agreement=self.int8_rec_sequence_agreement)
+
+
+@register_stage
+class ExportStage(Stage):
+    """Exports the current model (and the baseline, and the INT8 model) for deployment, checked for parity."""
+
+    name = "export"
+    section = "Export"
+    config_cls = ExportConfig
+    allowed_after = ("baseline", "prune", "finetune", "quant", "eval")
+    summary = "Paddle Inference + ONNX models with deploy configs, parity-checked per backend"
+
+    def run(self, model, cfg, ctx):
+        job = _ExportJob(cfg, ctx)
+        inputs = list(ctx.task.input_batches("eval", limit=cfg.parity_samples))
+        reference = dygraph_outputs(model, inputs)
+        job.export_float(model, FP32_DIR, inputs, reference)
+        if cfg.export_baseline:
+            baseline, why_not = _baseline_model(ctx)
+            if baseline is None:
+                job.notes.append(f"{BASELINE_DIR} skipped: {why_not}")
+            else:
+                job.export_float(baseline, BASELINE_DIR, inputs, dygraph_outputs(baseline, inputs))
+        quant_dir = _quant_output_dir(ctx)
+        if "int8" in cfg.precisions and quant_dir:
+            job.export_int8(quant_dir, ctx.stage_entry("quant").get("metadata") or {}, inputs, reference)
+        return job.result(model)
+
+    def dry_run(self, model, cfg, ctx):
+        folders = [FP32_DIR] + ([BASELINE_DIR] if cfg.export_baseline else []) + (
+            [INT8_DIR] if "int8" in cfg.precisions and ctx.stage_entry("quant") else [])
+        ranges = plan_dynamic_shapes(ctx.model_cfg.task, ctx.model_cfg.Input)
+        lines = [f"  folders: {', '.join(folders)}", f"  backends: {', '.join(cfg.backends)}",
+                 f"  parity on {cfg.parity_samples} eval samples per backend"]
+        if "paddle_trt" in cfg.backends:
+            lines += [f"  TensorRT range {name}: min {list(r[0])} opt {list(r[1])} max {list(r[2])}"
+                      for name, r in ranges.items()]
+        return "\n".join(lines)
+
+
+def _baseline_model(ctx):
+    """The baseline model rebuilt from its checkpoint and None, or None and why it is not exported."""
+    from compress.models import build_model
+    from compress.runner import load_weights
+
+    pipeline = list(ctx.manifest.data.get("pipeline") or [])
+    before = pipeline[:pipeline.index("export")] if "export" in pipeline else pipeline
+    weight_stages = [s for s in before if WEIGHTS_FILE in ((ctx.stage_entry(s) or {}).get("files") or {})]
+    if "baseline" not in weight_stages:
+        return None, "no baseline checkpoint in this run"
+    if weight_stages[-1] == "baseline":
+        return None, "the current weights are the baseline's (fp32/ is the baseline)"
+    model = build_model(dict(ctx.model_cfg.Architecture), {"random": True}, ctx.model_cfg.base_dir)
+    load_weights(model, os.path.join(ctx.stage_dir("baseline"), WEIGHTS_FILE), f"baseline of '{ctx.model_name}'")
+    model.eval()
+    return model, ""
+
+
+def _quant_onnx_int8(quant_dir, quant_metadata):
+    """The quant stage's ONNX Runtime INT8 file, from its metadata (``dir`` + ``files.int8``), else by name."""
+    record = (quant_metadata.get("backends") or {}).get("onnxruntime") or {}
+    name = (record.get("files") or {}).get("int8")
+    path = os.path.join(quant_dir, record.get("dir", QUANT_ONNX_DIR), name) if name else None
+    if path and os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(quant_dir, QUANT_ONNX_DIR, "*int8*.onnx")))
+    return found[0] if found else None
+
+
+def _quant_output_dir(ctx):
+    entry = ctx.stage_entry("quant")
+    if not entry or entry.get("status") != "done":
+        return None
+    return ctx.stage_dir("quant")
+
+
+class _ExportJob:
+    """Exports of one model into the stage's folder, with their sizes and parity reports."""
+
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx = cfg, ctx
+        self.task = ctx.model_cfg.task
+        self.tolerance = cfg.tolerance()
+        self.metrics, self.reports, self.notes, self.failures = {}, {}, [], []
+
+    # -------------------------------------------------------------------------------------------- float
+
+    def export_float(self, model, folder, inputs, reference):
+        out = os.path.join(self.ctx.out_dir, folder)
+        files = export_inference_model(model, out, self.ctx.model_cfg.Input, self.task)
+        self.metrics[f"{folder}/paddle_bytes"] = model_bytes(files)
+        onnx_file = self._onnx(out, folder)
+        precisions = ["fp32"] + (["fp16"] if "fp16" in self.cfg.precisions else [])
+        deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, precision, self.cfg.settings())
+                   for precision in precisions for backend in self._backends(onnx_file)
+                   if precision != "fp16" or backend in ("paddle_gpu", "paddle_trt")]
+        self._write_bundle(out, "fp32", deploys, onnx_file)
+        self._check(folder, out, onnx_file, deploys, inputs, reference)
+
+    # -------------------------------------------------------------------------------------------- int8
+
+    def export_int8(self, quant_dir, quant_metadata, inputs, reference):
+        """Copy the quant stage's INT8 models (those that passed its gate) and check them."""
+        passed = set(quant_metadata.get("passed_backends", BACKENDS))
+        source = os.path.join(quant_dir, QUANT_INT8_DIR)
+        if "paddle_cpu" not in passed or not os.path.isdir(source):
+            self.notes.append(f"{INT8_DIR} skipped: the quant stage has no passing Paddle INT8 model")
+            return
+        out = os.path.join(self.ctx.out_dir, INT8_DIR)
+        files = _copy_model(source, out)
+        self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
+        onnx_file = None
+        if "onnxruntime" in self.cfg.backends:
+            ort_int8 = _quant_onnx_int8(quant_dir, quant_metadata)
+            if ort_int8 and "onnxruntime" in passed:
+                shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
+                onnx_file = ONNX_FILE
+                self.metrics[f"{INT8_DIR}/onnx_bytes"] = os.path.getsize(os.path.join(out, ONNX_FILE))
+            elif "onnxruntime" in quant_metadata.get("backends", {}):
+                self.notes.append(f"{INT8_DIR}/onnxruntime skipped: the quant stage's ONNX Runtime INT8 model "
+                                  "did not pass its gate")
+            else:  # the quant stage made no ONNX INT8 model: convert the Paddle QDQ model
+                onnx_file = self._onnx(out, INT8_DIR)
+        deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, "int8", self.cfg.settings())
+                   for backend in self._backends(onnx_file)]
+        self._write_bundle(out, "int8", deploys, onnx_file)
+        self._check(INT8_DIR, out, onnx_file, deploys, inputs, reference)
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def _backends(self, onnx_file):
+        """The configured backends, without onnxruntime when there is no ONNX model."""
+        return [backend for backend in self.cfg.backends if backend != "onnxruntime" or onnx_file]
+
+    def _onnx(self, out, folder):
+        """Convert the Paddle model in ``out`` to ``out/model.onnx``; a failure is a parity failure."""
+        if "onnxruntime" not in self.cfg.backends:
+            return None
+        from export.onnx_export import export_to_onnx
+
+        try:
+            exported = export_to_onnx(out, os.path.join(out, ONNX_FILE), self.cfg.opset)
+        except CompressError as exc:
+            self._fail(f"{folder}/onnxruntime", f"paddle2onnx failed: {exc}")
+            return None
+        self.metrics[f"{folder}/onnx_bytes"] = exported.bytes
+        self.metrics[f"{folder}/onnx_opset"] = exported.opset
+        return ONNX_FILE
+
+    def _write_bundle(self, out, precision, deploys, onnx_file):
+        plan = self._shape_plan(out)
+        write_deploy_bundle(out, self.ctx.model_cfg, precision, deploys, onnx_file, plan)
+        if plan is not None and plan.collected:
+            attach_shape_range_file(out)
+
+    def _shape_plan(self, out):
+        if "paddle_trt" not in self.cfg.backends:
+            return None
+        caps = detect_capabilities()
+        if not (caps.cuda and caps.gpu_count):
+            return shape_range_plan(out, self.ctx.model_cfg.source_file)
+        # a GPU build: record the real ranges on calibration images (PaddleOCR's tuned dynamic shape approach)
+        batches = self.ctx.task.input_batches("calibration", limit=self.cfg.parity_samples)
+        collect_shape_range_file(out, batches)
+        return ShapeRangePlan(collected=True, note="collected on the Calibration split")
+
+    def _check(self, folder, out, onnx_file, deploys, inputs, reference):
+        measured = {}  # (backend really run, precision really run) -> (report, outputs)
+        for deploy in deploys:
+            key = f"{folder}/{deploy.backend}{'_fp16' if deploy.precision == 'fp16' else ''}"
+            actual, reason = resolve_backend(deploy)
+            run_precision = "fp32" if deploy.precision == "fp16" and actual == "paddle_cpu" else deploy.precision
+            if (actual, run_precision) in measured:
+                # the fallback runs exactly the configuration measured already
+                report = dataclasses.replace(measured[actual, run_precision][0], fallback=reason)
+                logger.info("%s: %s is not available here (%s); its parity is the %s run", key, deploy.backend,
+                            reason, actual)
+            else:
+                path = os.path.join(out, onnx_file) if deploy.backend == "onnxruntime" else out
+                outputs, predictor = predictor_outputs(path, deploy, inputs)
+                report = compare_outputs(reference, outputs, self.task, run_precision, self.tolerance,
+                                         backend=predictor.backend, fallback=predictor.fallback_reason)
+                measured[actual, run_precision] = (report, outputs)
+            self._record(key, report)
+        self._onnx_vs_paddle(folder, measured)
+
+    def _onnx_vs_paddle(self, folder, measured):
+        paddle_run = measured.get(("paddle_cpu", "fp32"))
+        onnx_run = measured.get(("onnxruntime", "fp32"))
+        if paddle_run and onnx_run:
+            report = compare_outputs(paddle_run[1], onnx_run[1], self.task, "fp32", self.tolerance,
+                                     backend="onnxruntime")
+            self._record(f"{folder}/onnxruntime_vs_paddle", report)
+
+    def _record(self, key, report):
+        self.reports[key] = report.to_dict()
+        self.metrics[f"{key}/max_abs_diff"] = report.max_abs_diff
+        self.metrics[f"{key}/mean_abs_diff"] = report.mean_abs_diff
+        for name, value in report.agreement.items():
+            self.metrics[f"{key}/{name}"] = value
+        if report.fallback:
+            self.metrics[f"{key}/ran_as"] = report.backend
+        if not report.passed:
+            self._fail(key, report.detail)
+
+    def _fail(self, key, detail):
+        self.failures.append(f"{key}: {detail}")
+        self.reports.setdefault(key, {"passed": False, "detail": detail})
+
+    def result(self, model):
+        from compress.checkpoint import atomic_write_json
+
+        atomic_write_json(os.path.join(self.ctx.out_dir, PARITY_FILE),
+                          {"reports": self.reports, "notes": self.notes, "failures": self.failures})
+        folders = sorted({key.split("/")[0] for key in self.metrics})
+        metrics = {"exported": "+".join(folders), "parity_checks": len(self.reports),
+                   "parity_failures": len(self.failures)}
+        metrics.update(self.metrics)
+        if self.failures:
+            message = (f"parity out of tolerance: {self.failures[0]}"
+                       + (f" (+{len(self.failures) - 1} more, see {PARITY_FILE})" if len(self.failures) > 1 else "")
+                       + "; loosen the Export tolerance or drop that backend from Export.backends")
+            return StageResult(model=model, metrics=metrics, passed=False, message=message)
+        return StageResult(model=model, metrics=metrics, message=self._summary())
+
+    def _summary(self):
+        parts = []
+        for folder in (FP32_DIR, INT8_DIR):
+            size = self.metrics.get(f"{folder}/paddle_bytes")
+            if size is None:
+                continue
+            diffs = [v for k, v in self.metrics.items() if k.startswith(f"{folder}/") and k.endswith("max_abs_diff")]
+            text = f"{folder} {size / 1e6:.1f}MB"
+            if folder == FP32_DIR and diffs:
+                text += f" max|d| {max(diffs):.0e}"
+            agreement = [v for k, v in self.metrics.items() if k.startswith(f"{folder}/") and
+                         k.endswith(("sequence_agreement", "binary_map_agreement"))]
+            if folder == INT8_DIR and agreement:
+                text += f" agree>={min(agreement):.3f}"
+            parts.append(text)
+        return ", ".join(parts)
+
+
+def _copy_model(source, dest):
+    files = find_model_files(source)
+    os.makedirs(dest, exist_ok=True)
+    for path in (files.model_file, files.params_file, (files.params_file or "") + ".info"):
+        if path and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dest, os.path.basename(path)))
+    return find_model_files(dest)
+
+
+def load_parity(stage_dir):
+    """The ``parity.json`` an export checkpoint holds."""
+    with open(os.path.join(stage_dir, PARITY_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
