@@ -19,7 +19,7 @@ from compress.tasks import make_task
 import finetune.stage  # noqa: F401  (registers the stage)
 from finetune.data import EpochBatchSampler, TransformDataset, make_train_loader, start_epoch
 from finetune.stage import FinetuneConfig, gate_message
-from finetune.trainer import (PROGRESS_FILE, TaskEvaluator, TeacherDistillation, TrainConfig, Trainer,
+from finetune.trainer import (PROGRESS_FILE, TeacherDistillation, TrainConfig, Trainer,
                               TrainingError, _map_distance, _sequence_distance, build_task_loss)
 from tests.helpers.dummy_stages import TINY_DET_ARCH
 
@@ -315,10 +315,9 @@ def test_stage_gate_failure_can_continue_from_the_input_model(demo_dir, tmp_path
 
 
 def test_stage_nan_loss_leaves_head_on_previous_stage(demo_dir, tmp_path, monkeypatch):
-    import finetune.trainer as trainer_module
-    real = trainer_module.build_task_loss
-    monkeypatch.setattr(trainer_module, "build_task_loss",
-                        lambda task, overrides=None: FailingLoss(real(task, overrides), at=1, value=float("nan")))
+    monkeypatch.setattr(finetune.stage, "build_task_loss",
+                        lambda task, overrides=None: FailingLoss(build_task_loss(task, overrides), at=1,
+                                                                 value=float("nan")))
     runner, _ = run_pipeline(tmp_path, demo_dir, max_drop=1.0)
     with pytest.raises(TrainingError, match="step 1"):
         runner.run()

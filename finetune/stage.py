@@ -1,0 +1,138 @@
+"""Stage ``finetune``: short low-learning-rate recovery training after pruning, with an accuracy gate.
+
+Trains the incoming model on the model config's ``Train`` split with PP-OCR's own loss, evaluates on the ``Eval``
+split every ``eval_every`` steps, keeps the best weights, and fails its gate when the best main metric is more than
+``max_drop`` below the baseline's. Progress is saved under the stage's work directory, so a killed fine-tune
+continues where it stopped when the pipeline is run again.
+"""
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Literal, Optional
+
+from compress.errors import ConfigError, InputError
+from compress.stages.base import Stage, StageResult, register_stage
+from finetune.data import make_train_loader
+from finetune.trainer import (DistillConfig, OptimizerConfig, TaskEvaluator, TeacherDistillation,  # noqa: F401
+                              TrainConfig, Trainer, build_task_loss, copy_weights)
+
+# Weight decay of PaddleOCR's PP-OCRv4 training configs (Optimizer.regularizer: L2), used when none is set.
+DEFAULT_WEIGHT_DECAY = {"det": 5e-6, "rec": 3e-5}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """``Finetune`` section: the :class:`~finetune.trainer.TrainConfig` keys plus data, loss and gate settings."""
+
+    batch_size: Optional[int] = None  # per process; null: the Train split's batch_size
+    num_workers: int = 0  # DataLoader worker processes
+    loss: Dict[str, Any] = field(default_factory=dict)  # ppocr loss keys; default DBLoss (det) / CTCLoss (rec)
+    max_drop: Optional[float] = 0.01  # gate: best metric >= baseline - max_drop (metric units); null: no gate
+    on_gate_fail: Literal["stop", "continue"] = "stop"
+
+    def validate(self, where):
+        super().validate(where)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"{where}.max_drop: must be >= 0 or null, got {self.max_drop}")
+
+
+def load_teacher(ctx):
+    """The distillation teacher: ``ctx.extras["teacher"]`` if given, else the baseline rebuilt from its checkpoint."""
+    teacher = ctx.extras.get("teacher")
+    if teacher is not None:
+        return teacher
+    from compress.models import build_model
+    from compress.runner import WEIGHTS_FILE, load_weights
+
+    folder = ctx.stage_dir("baseline")
+    teacher = build_model(dict(ctx.model_cfg.Architecture), {"random": True}, ctx.model_cfg.base_dir)
+    return load_weights(teacher, os.path.join(folder, WEIGHTS_FILE), f"model '{ctx.model_name}' (teacher)")
+
+
+def gate_message(main, best, baseline, max_drop):
+    """None when ``best`` is within ``max_drop`` of ``baseline``, else the one-line reason and what to change."""
+    if max_drop is None or baseline is None or best >= baseline - max_drop - 1e-12:
+        return None
+    return (f"{main} {best:.4f} < {baseline:.4f}-{max_drop:g}: raise Finetune.epochs or lower Prune ratios")
+
+
+@register_stage
+class FinetuneStage(Stage):
+    """Recovers accuracy lost by pruning with a short low-LR training run (optionally distilled from baseline)."""
+
+    name = "finetune"
+    section = "Finetune"
+    config_cls = FinetuneConfig
+    allowed_after = ("prune", "baseline", "eval")
+    summary = "low-learning-rate recovery training with early stopping and an accuracy gate"
+
+    def run(self, model, cfg, ctx):
+        split = ctx.model_cfg.Train
+        if split is None:
+            raise InputError(f"{ctx.model_cfg.source_file}: Train: section missing; the finetune stage needs "
+                             f"data_dir, label_file and transforms of a training split")
+        task = ctx.task
+        train_cfg = self._resolve(cfg, task.task)
+        loader = make_train_loader(task, split, cfg.batch_size, seed=ctx.global_cfg.seed,
+                                   num_workers=cfg.num_workers)
+        distill = None
+        if cfg.distill.enabled:
+            distill = TeacherDistillation(load_teacher(ctx), task.task, cfg.distill.kind, cfg.distill.weight)
+        evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"finetune eval {ctx.model_name}")
+        input_weights = copy_weights(model)
+        trainer = Trainer(model, build_task_loss(task.task, cfg.loss), loader, train_cfg, evaluator,
+                          ctx.work_dir or None, distill, seed=ctx.global_cfg.seed)
+        trainer.show_progress = ctx.global_cfg.show_progress
+        try:
+            result = trainer.fit()
+        except BaseException:
+            model.set_state_dict(input_weights)  # the runner may continue with the input model in memory
+            raise
+        return self._stage_result(model, cfg, ctx, result, input_weights)
+
+    def dry_run(self, model, cfg, ctx):
+        """What ``run`` would do: samples, batches, steps, schedule and gate (nothing is trained)."""
+        import paddle
+
+        split = ctx.model_cfg.Train
+        if split is None:
+            return "no Train section: the stage would fail; add a training split to the model config"
+        samples = len(ctx.task.read_labels(split)[:split.limit])
+        batch = cfg.batch_size or split.batch_size
+        world = paddle.distributed.get_world_size()
+        per_epoch = max(-(-samples // (batch * world)), 1)
+        steps = cfg.max_steps or cfg.epochs * per_epoch
+        gate = f"{ctx.task.main_metric} >= baseline - {cfg.max_drop:g}" if cfg.max_drop is not None else "none"
+        return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
+                f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); eval every "
+                f"{cfg.eval_every or per_epoch} steps on {cfg.eval_limit or 'all'} eval samples; gate: {gate}")
+
+    @staticmethod
+    def _resolve(cfg, task):
+        if cfg.optimizer.weight_decay is None:
+            cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task)))
+        return cfg
+
+    @staticmethod
+    def _stage_result(model, cfg, ctx, result, input_weights):
+        main = ctx.task.main_metric
+        best = result.best_metrics.get(main)
+        metrics = dict(result.best_metrics)
+        metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
+                       seconds_per_step=round(result.seconds_per_step, 4))
+        if main in result.start_metrics:
+            metrics[f"start_{main}"] = result.start_metrics[main]
+        message = f"best at step {result.best_step}/{result.steps}"
+        if result.stopped_early:
+            message += " (early stop)"
+        if result.resumed_from:
+            message += f", resumed at step {result.resumed_from}"
+        failure = gate_message(main, best, ctx.baseline_metrics().get(main), cfg.max_drop) if best is not None \
+            else None
+        if failure:
+            model.set_state_dict(input_weights)
+            return StageResult(model=model, metrics=metrics, passed=False, message=f"{failure} ({message})")
+        return StageResult(model=model, metrics=metrics, weights_changed=True, message=message)

@@ -1,0 +1,557 @@
+"""A small, resumable trainer for short low-learning-rate recovery training of PP-OCR models.
+
+Used by the ``finetune`` stage (recovery after pruning) and reusable by quantization-aware training. It trains a
+dygraph model with PP-OCR's own loss (``ppocr.losses.build_loss``: DBLoss for det, CTCLoss for rec), Adam with a
+linear warm-up into a cosine decay, optional distillation from a frozen teacher, periodic evaluation with early
+stopping on the main metric, and keeps the best weights.
+
+Progress is saved every ``save_every`` steps into ``work_dir`` (model, optimizer, schedule, step, epoch, best
+weights) through a temporary directory and an atomically replaced pointer file, so a killed run continues from its
+last save. Randomness is a function of (seed, epoch, step): the shuffle order and augmentation come from
+:mod:`finetune.data`, dropout is re-seeded every step, so a resumed run repeats the uninterrupted one.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from compress.checkpoint import atomic_write_json, sha256_file
+from compress.errors import CheckpointError, CompressError, ConfigError
+from finetune.data import item_seed, start_epoch
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_FORMAT = 1
+_OPTIMIZER_NAMES = "ft_"  # unique-name namespace of optimizer accumulators (makes their names predictable)
+_LOSS_WINDOW = 20  # steps averaged into the reported train_loss
+
+
+class TrainingError(CompressError):
+    """Training diverged (NaN / inf loss) or cannot continue; the message names the step and what to change."""
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam / AdamW settings (PaddleOCR's PP-OCRv4 configs: Adam, beta1 0.9, beta2 0.999, L2 decay)."""
+
+    name: Literal["Adam", "AdamW"] = "Adam"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: Optional[float] = None  # L2 coefficient (AdamW: decoupled decay); null: no decay
+    clip_norm: Optional[float] = None  # clip gradients to this global norm; null: no clipping
+
+    def validate(self, where):
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{where}.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"{where}.clip_norm: must be > 0 or null, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from the frozen baseline (teacher): det on the probability maps, rec on the CTC outputs."""
+
+    enabled: bool = False
+    kind: Literal["kl", "l2"] = "kl"
+    weight: float = 1.0
+
+    def validate(self, where):
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight: must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :class:`Trainer` (the ``Finetune`` section extends it)."""
+
+    epochs: int = 5
+    max_steps: Optional[int] = None  # when set, train exactly this many steps (epochs is ignored)
+    lr: float = 1e-4  # about 1/10 of PP-OCRv4's training LR (0.001 for det and rec)
+    warmup_steps: int = 20  # linear warm-up from 0, then cosine decay to 0 at the last step
+    optimizer: OptimizerConfig = OptimizerConfig()
+    eval_every: Optional[int] = None  # steps between evaluations; null: once per epoch
+    eval_limit: Optional[int] = None  # evaluate on the first N samples of the Eval split; null: all of it
+    eval_at_start: bool = True  # evaluate the input model first: it is the best model until beaten
+    patience: Optional[int] = 3  # stop after this many evaluations without improvement; null: never
+    save_every: Optional[int] = None  # steps between progress saves; null: at every evaluation
+    distill: DistillConfig = DistillConfig()
+
+    def validate(self, where):
+        if self.epochs < 1:
+            raise ConfigError(f"{where}.epochs: must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        for key in ("max_steps", "eval_every", "eval_limit", "patience", "save_every"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1 or null, got {value}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns; the model passed to the trainer holds the best weights afterwards.
+
+    Attributes:
+        best_metrics: evaluation metrics of the best weights (empty without an evaluator).
+        best_step: the step the best weights were taken at (0: the input model).
+        start_metrics: metrics of the input model (when ``eval_at_start``).
+        steps: steps trained in total (including steps before a resume).
+        total_steps: the planned number of steps.
+        train_loss: mean training loss over the last steps.
+        first_loss: loss of the first step.
+        seconds_per_step: mean wall time of a training step (forward, loss, backward, update; data loading
+            excluded).
+        stopped_early: early stopping ended the run.
+        resumed_from: the step the run continued from (0: fresh start).
+        history: one entry per evaluation: {"step": ..., metrics...}.
+    """
+
+    best_metrics: Dict[str, float] = field(default_factory=dict)
+    best_step: int = 0
+    start_metrics: Dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    total_steps: int = 0
+    train_loss: float = float("nan")
+    first_loss: float = float("nan")
+    seconds_per_step: float = float("nan")
+    stopped_early: bool = False
+    resumed_from: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def build_task_loss(task, overrides=None, where="Finetune.loss"):
+    """PP-OCR's training loss for a task, with ``overrides`` merged into the PP-OCRv4 defaults.
+
+    Args:
+        task: "det" (DBLoss) or "rec" (CTCLoss).
+        overrides: keys of the loss section; a different ``name`` replaces the default loss entirely.
+        where: the config key path named in errors.
+
+    Returns:
+        The ``ppocr.losses`` layer: ``loss(predicts, batch) -> {"loss": tensor, ...}``.
+
+    Raises:
+        ConfigError: when ppocr cannot build it.
+    """
+    from compress.ppocr_compat import ensure_ppocr
+    ensure_ppocr()
+    from ppocr.losses import build_loss
+
+    defaults = {
+        "det": {"name": "DBLoss", "balance_loss": True, "main_loss_type": "DiceLoss", "alpha": 5, "beta": 10,
+                "ohem_ratio": 3},
+        "rec": {"name": "CTCLoss"},
+    }[task]
+    overrides = dict(overrides or {})
+    section = overrides if overrides.get("name", defaults["name"]) != defaults["name"] else {**defaults, **overrides}
+    _check_loss_keys(section, where)
+    try:
+        return build_loss(dict(section))
+    except Exception as exc:  # ppocr reports unknown names with assert, bad arguments with TypeError
+        raise ConfigError(f"{where}: ppocr could not build {section!r} ({type(exc).__name__}: {exc}); "
+                          f"check the loss name and arguments against PaddleOCR's configs") from None
+
+
+def _check_loss_keys(section, where):
+    """ppocr losses swallow unknown keyword arguments (``**kwargs``): refuse keys their constructor does not name."""
+    import inspect
+
+    import ppocr.losses
+    from compress.config import unknown_key_error
+
+    loss_cls = getattr(ppocr.losses, str(section.get("name")), None)
+    if not inspect.isclass(loss_cls):
+        return  # build_loss reports unknown names
+    params = inspect.signature(loss_cls.__init__).parameters
+    named = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    for key in section:
+        if key != "name" and key not in named:
+            raise unknown_key_error(key, sorted(named | {"name"}), where)
+
+
+class TaskEvaluator:
+    """``evaluator(model) -> metrics`` on a task's Eval split (optionally its first ``limit`` samples)."""
+
+    def __init__(self, task, limit=None, desc="finetune eval"):
+        self.task = task
+        self.limit = limit
+        self.desc = desc
+        self.main_metric = task.main_metric
+
+    def __call__(self, model):
+        from compress.tasks import dygraph_predictor
+        return self.task.evaluate(dygraph_predictor(model), limit=self.limit, desc=self.desc)
+
+
+class TeacherDistillation:
+    """Distillation loss from a frozen teacher (evaluated in inference mode).
+
+    det: the student's shrink map (channel 0 of DBHead's training output) against the teacher's probability map,
+    as a per-pixel binary KL divergence or a mean squared error. rec: the student's CTC logits (softmax) against the
+    teacher's per-frame probabilities, as KL(teacher || student) summed over classes, or the squared error summed
+    over classes; both averaged over frames.
+
+    Args:
+        teacher: the frozen model (e.g. the baseline); put in eval mode and excluded from gradients.
+        task: "det" or "rec".
+        kind: "kl" or "l2".
+        weight: multiplier of the distillation term in the total loss.
+    """
+
+    def __init__(self, teacher, task, kind="kl", weight=1.0):
+        if task not in ("det", "rec"):
+            raise ConfigError(f"distill: no distillation for task '{task}'; use det or rec")
+        self.teacher = teacher
+        self.task = task
+        self.kind = kind
+        self.weight = weight
+        teacher.eval()
+        for param in teacher.parameters():
+            param.stop_gradient = True
+
+    def __call__(self, student_out, images):
+        with paddle.no_grad():
+            target = self.teacher(images)
+        if isinstance(target, dict):
+            target = target["maps"]
+        if self.task == "det":
+            return self.weight * _map_distance(student_out["maps"][:, :1], target, self.kind)
+        return self.weight * _sequence_distance(student_out, target, self.kind)
+
+
+def _map_distance(student_prob, teacher_prob, kind, eps=1e-6):
+    if kind == "l2":
+        return paddle.mean(paddle.square(student_prob - teacher_prob))
+    s = paddle.clip(student_prob, eps, 1 - eps)
+    t = paddle.clip(teacher_prob, eps, 1 - eps)
+    return paddle.mean(t * paddle.log(t / s) + (1 - t) * paddle.log((1 - t) / (1 - s)))
+
+
+def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8):
+    if isinstance(student_logits, (list, tuple)):
+        student_logits = student_logits[-1]
+    if kind == "l2":
+        diff = paddle.nn.functional.softmax(student_logits, axis=-1) - teacher_prob
+        return paddle.mean(paddle.sum(paddle.square(diff), axis=-1))
+    log_student = paddle.nn.functional.log_softmax(student_logits, axis=-1)
+    kl = teacher_prob * (paddle.log(teacher_prob + eps) - log_student)
+    return paddle.mean(paddle.sum(kl, axis=-1))
+
+
+def build_optimizer(model, config, total_steps):
+    """Adam/AdamW with a linear warm-up into a cosine decay over ``total_steps``.
+
+    Returns:
+        (optimizer, scheduler); call ``scheduler.step()`` after every optimizer step.
+    """
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    schedule = paddle.optimizer.lr.CosineAnnealingDecay(config.lr, T_max=max(total_steps - warmup, 1))
+    if warmup:
+        schedule = paddle.optimizer.lr.LinearWarmup(schedule, warmup_steps=warmup, start_lr=0.0, end_lr=config.lr)
+    opt = config.optimizer
+    clip = paddle.nn.ClipGradByGlobalNorm(opt.clip_norm) if opt.clip_norm else None
+    params = [p for p in model.parameters() if not p.stop_gradient]
+    if opt.name == "AdamW":
+        optimizer = paddle.optimizer.AdamW(schedule, beta1=opt.beta1, beta2=opt.beta2, parameters=params,
+                                           weight_decay=opt.weight_decay or 0.0, grad_clip=clip)
+    else:
+        decay = paddle.regularizer.L2Decay(opt.weight_decay) if opt.weight_decay else None
+        optimizer = paddle.optimizer.Adam(schedule, beta1=opt.beta1, beta2=opt.beta2, parameters=params,
+                                          weight_decay=decay, grad_clip=clip)
+    return optimizer, schedule
+
+
+def copy_weights(model):
+    """A numpy copy of ``model.state_dict()`` (parameters and BN statistics), for ``set_state_dict`` later."""
+    return {name: value.numpy().copy() for name, value in model.state_dict().items()}
+
+
+def init_distributed():
+    """Initialise the data-parallel environment when launched with several processes; returns the world size."""
+    world_size = paddle.distributed.get_world_size()
+    if world_size > 1 and not paddle.distributed.is_initialized():
+        paddle.distributed.init_parallel_env()
+    return world_size
+
+
+def _is_main_process():
+    return paddle.distributed.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Trains ``model`` in place and leaves the best weights in it.
+
+    Args:
+        model: the dygraph model (PP-OCR det/rec: training mode gives the loss inputs).
+        loss_fn: ``loss_fn(predicts, batch) -> {"loss": tensor, ...}`` (see :func:`build_task_loss`).
+        loader: a DataLoader yielding ``[images, labels...]`` (see :func:`finetune.data.make_train_loader`).
+        config: a :class:`TrainConfig` (or a dataclass extending it).
+        evaluator: ``evaluator(model) -> metrics`` with a ``main_metric`` attribute (higher is better), e.g.
+            :class:`TaskEvaluator`; None trains without evaluation and keeps the last weights.
+        work_dir: folder for progress saves; None disables saving and resuming.
+        distill: ``distill(student_out, images) -> loss tensor`` (e.g. :class:`TeacherDistillation`) or None.
+        seed: seed of dropout (the loader holds the data seed).
+    """
+
+    def __init__(self, model, loss_fn, loader, config, evaluator=None, work_dir=None, distill=None, seed=0):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loader = loader
+        self.config = config
+        self.evaluator = evaluator
+        self.work_dir = work_dir
+        self.distill = distill
+        self.seed = seed
+        self.show_progress = True
+        self.section = "Finetune"  # the config section named in error messages
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch < 1:
+            raise TrainingError("the training split gives no batches; add samples to the Train label file")
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.save_every = config.save_every or self.eval_every
+        self.net = paddle.DataParallel(model) if init_distributed() > 1 else model
+        self.optimizer, self.scheduler = build_optimizer(model, config, self.total_steps)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": 0,
+                      "best_metrics": {}, "start_metrics": {}, "evals_since_best": 0, "history": [],
+                      "losses": [], "first_loss": None, "train_seconds": 0.0, "stopped_early": False}
+        self.best_weights = None
+
+    # -------------------------------------------------------------------------------------------- main loop
+
+    def fit(self):
+        """Train until ``total_steps``, or until early stopping; resume from ``work_dir`` when a save exists.
+
+        Returns:
+            :class:`TrainResult`.
+
+        Raises:
+            TrainingError: on a NaN or infinite loss (nothing is saved for that step).
+        """
+        resumed_from = self._resume()
+        state = self.state
+        if state["step"] == 0 and not state["history"] and self.evaluator and self.config.eval_at_start:
+            self._evaluate()
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc="finetune", leave=False,
+                   disable=not (self.show_progress and _is_main_process()))
+        try:
+            while state["step"] < self.total_steps and not state["stopped_early"]:
+                self._run_epoch(bar)
+        finally:
+            bar.close()
+        if self.evaluator and (not state["history"] or state["history"][-1]["step"] != state["step"]):
+            self._evaluate()
+        if self.best_weights is not None:
+            self.model.set_state_dict(self.best_weights)
+        self.model.eval()
+        return self._result(resumed_from)
+
+    def _run_epoch(self, bar):
+        state = self.state
+        exact = start_epoch(self.loader, state["epoch"], state["batch_in_epoch"])
+        batches = iter(self.loader)
+        if not exact:  # a plain loader: skip the batches trained before the save
+            for _ in range(state["batch_in_epoch"]):
+                next(batches, None)
+        for batch in batches:
+            loss, lr = self._train_step(batch)
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if state["step"] % self.eval_every == 0 and self.evaluator:
+                self._evaluate()
+            if state["step"] % self.save_every == 0 or state["step"] >= self.total_steps or state["stopped_early"]:
+                self.save()
+            if state["step"] >= self.total_steps or state["stopped_early"]:
+                return
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+    def _train_step(self, batch):
+        state = self.state
+        started = time.time()
+        paddle.seed(item_seed(self.seed, "dropout", state["step"], paddle.distributed.get_rank()))
+        self.net.train()
+        images = batch[0]
+        predicts = self.net(images)
+        losses = self.loss_fn(predicts, batch)
+        loss = losses["loss"]
+        if self.distill is not None:
+            loss = loss + self.distill(predicts, images)
+        value = self._mean_over_ranks(loss)
+        if not math.isfinite(value):
+            raise TrainingError(f"finetune step {state['step'] + 1}: the loss is {value} (lr "
+                                f"{self.optimizer.get_lr():.2e}); lower {self.section}.lr or set "
+                                f"{self.section}.optimizer.clip_norm; the stage's checkpoint was not written")
+        loss.backward()
+        lr = self.optimizer.get_lr()
+        with paddle.utils.unique_name.guard(_OPTIMIZER_NAMES):
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.scheduler.step()
+        if state["first_loss"] is None:
+            state["first_loss"] = value
+        state["losses"] = (state["losses"] + [value])[-_LOSS_WINDOW:]
+        state["train_seconds"] += time.time() - started
+        return value, lr
+
+    def _mean_over_ranks(self, loss):
+        """The loss averaged over data-parallel ranks, so that every rank sees a NaN on any rank and stops."""
+        if self.net is self.model:
+            return float(loss)
+        total = loss.detach().clone()
+        paddle.distributed.all_reduce(total)
+        return float(total) / paddle.distributed.get_world_size()
+
+    def _evaluate(self):
+        state = self.state
+        metrics = self._distributed_evaluate() if self.net is not self.model else self.evaluator(self.model)
+        self.model.train()
+        main = self.evaluator.main_metric
+        if main not in metrics:
+            raise TrainingError(f"the evaluator returned no '{main}' (got {', '.join(metrics)})")
+        state["history"].append({"step": state["step"], **metrics})
+        if state["step"] == 0:
+            state["start_metrics"] = dict(metrics)
+        if state["best_metric"] is None or metrics[main] > state["best_metric"]:
+            state.update(best_metric=metrics[main], best_step=state["step"], best_metrics=dict(metrics),
+                         evals_since_best=0)
+            self.best_weights = copy_weights(self.model)
+        elif state["step"] > 0:
+            state["evals_since_best"] += 1
+            if self.config.patience and state["evals_since_best"] >= self.config.patience and \
+                    state["step"] < self.total_steps:
+                state["stopped_early"] = True
+
+    def _distributed_evaluate(self):
+        """Average the BN statistics over ranks (DataParallel syncs gradients only), evaluate on rank 0 and share
+        the metrics, so every rank keeps the same best weights and stops at the same step."""
+        world_size = paddle.distributed.get_world_size()
+        with paddle.no_grad():
+            for _, param in self.model.named_parameters():
+                if param.stop_gradient and paddle.is_floating_point(param):  # BN running mean / variance
+                    paddle.distributed.all_reduce(param)
+                    param.set_value(param / world_size)
+        shared = [self.evaluator(self.model) if _is_main_process() else None]
+        paddle.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def _result(self, resumed_from):
+        state = self.state
+        trained = state["step"] - resumed_from
+        losses = state["losses"]
+        return TrainResult(
+            best_metrics=dict(state["best_metrics"]), best_step=state["best_step"],
+            start_metrics=dict(state["start_metrics"]), steps=state["step"], total_steps=self.total_steps,
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            first_loss=state["first_loss"] if state["first_loss"] is not None else float("nan"),
+            seconds_per_step=state["train_seconds"] / state["step"] if state["step"] else float("nan"),
+            stopped_early=state["stopped_early"], resumed_from=resumed_from, history=list(state["history"]))
+
+    # -------------------------------------------------------------------------------------------- progress saves
+
+    def save(self):
+        """Write the progress into ``work_dir`` (rank 0 only): a new ``step-N`` folder, then the pointer file."""
+        if not self.work_dir or not _is_main_process():
+            return
+        step = self.state["step"]
+        name = f"step-{step:07d}"
+        final = os.path.join(self.work_dir, name)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        paddle.save(self.model.state_dict(), os.path.join(tmp, "model.pdparams"))
+        paddle.save(self._optimizer_state(), os.path.join(tmp, "optimizer.pdopt"))
+        if self.best_weights is not None:
+            paddle.save(self.best_weights, os.path.join(tmp, "best.pdparams"))
+        state = dict(self.state, scheduler=self.scheduler.state_dict(), total_steps=self.total_steps,
+                     parameters=self._parameter_signature())
+        atomic_write_json(os.path.join(tmp, "state.json"), state)
+        files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_json(os.path.join(self.work_dir, PROGRESS_FILE),
+                          {"format": PROGRESS_FORMAT, "dir": name, "step": step, "files": files})
+        # earlier saves are scratch superseded by this one
+        for entry in os.listdir(self.work_dir):
+            if entry.startswith("step-") and entry != name:
+                shutil.rmtree(os.path.join(self.work_dir, entry), ignore_errors=True)
+
+    def _resume(self):
+        pointer_path = os.path.join(self.work_dir or "", PROGRESS_FILE)
+        if not self.work_dir or not os.path.isfile(pointer_path):
+            return 0
+        with open(pointer_path, encoding="utf-8") as f:
+            pointer = json.load(f)
+        folder = os.path.join(self.work_dir, pointer["dir"])
+        for name, digest in pointer["files"].items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path) or sha256_file(path) != digest:
+                raise CheckpointError(f"fine-tune progress {path} is missing or corrupt; delete {self.work_dir} "
+                                      f"to start the fine-tune over")
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.pop("parameters") != self._parameter_signature() or saved.pop("total_steps") != self.total_steps:
+            raise CheckpointError(f"fine-tune progress in {self.work_dir} belongs to another model or schedule; "
+                                  f"delete that folder to start the fine-tune over")
+        with warnings.catch_warnings():  # LinearWarmup's nested state always triggers Paddle's "unused values"
+            warnings.filterwarnings("ignore", message="There are some unused values in state_dict")
+            self.scheduler.set_state_dict(saved.pop("scheduler"))
+            self.model.set_state_dict(paddle.load(os.path.join(folder, "model.pdparams")))
+            self._load_optimizer_state(paddle.load(os.path.join(folder, "optimizer.pdopt")))
+        best_path = os.path.join(folder, "best.pdparams")
+        self.best_weights = paddle.load(best_path, return_numpy=True) if os.path.isfile(best_path) else None
+        self.state.update(saved)
+        logger.info("fine-tune resumed at step %d/%d from %s", self.state["step"], self.total_steps, folder)
+        return self.state["step"]
+
+    def _parameter_signature(self):
+        return [[name, list(p.shape)] for name, p in self.model.named_parameters()]
+
+    def _optimizer_state(self):
+        """Optimizer accumulators keyed by structured parameter names (runtime names differ between processes)."""
+        by_runtime = {_OPTIMIZER_NAMES + p.name + "_": name for name, p in self.model.named_parameters()}
+        prefixes = sorted(by_runtime, key=len, reverse=True)
+        out = {}
+        for key, value in self.optimizer.state_dict().items():
+            if key == "LR_Scheduler":
+                continue
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None:
+                raise TrainingError(f"optimizer state {key!r} matches no parameter; cannot save progress")
+            out[f"{by_runtime[prefix]}|{key[len(prefix):]}"] = value
+        return out
+
+    def _load_optimizer_state(self, saved):
+        runtime = {name: p.name for name, p in self.model.named_parameters()}
+        state = {}
+        for key, value in saved.items():
+            name, _, accumulator = key.partition("|")
+            state[_OPTIMIZER_NAMES + runtime[name] + "_" + accumulator] = value
+        state["LR_Scheduler"] = self.scheduler.state_dict()
+        self.optimizer.set_state_dict(state)
