@@ -45,6 +45,7 @@ def atomic_write_bytes(dest, data):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; reports and manifests are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

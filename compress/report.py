@@ -122,7 +122,8 @@ def gate_message(failures, max_drop_pt, by_key, setting="Compare.max_metric_drop
             f"{_fmt_metric(ref.get('metric'))} -> {_fmt_metric(row['metric'])} ({-drop:+.2f} pt), more than the "
             f"{max_drop_pt:.2f} pt allowed by {setting}")
     if len(failures) > 1:
-        others = ", ".join(f"{r['model']} {r.get('variant') or r['stage']}@{r.get('backend')}" for r, _ in failures[1:4])
+        others = ", ".join(f"{r['model']} {r.get('variant') or r['stage']}@{r.get('backend')}"
+                           for r, _ in failures[1:4])
         text += f" ({len(failures) - 1} more over it: {others}{', ...' if len(failures) > 4 else ''})"
     return text + "; recover accuracy (finetune longer, prune less, skip sensitive layers in quant) or raise the limit"
 
@@ -164,12 +165,33 @@ COLUMNS = (
                                                                   if r.get("throughput_batch") else ""))),
     ("RSS MB", lambda r: _fmt(r.get("peak_rss_mb"), ".0f")),
 )
+E2E_COLUMNS = (
+    ("word P", lambda r: _fmt(r["metrics"].get("word_precision"), ".4f")),
+    ("word R", lambda r: _fmt(r["metrics"].get("word_recall"), ".4f")),
+    ("CER", lambda r: _fmt(r["metrics"].get("char_error_rate"), ".4f")),
+    ("line acc", lambda r: _fmt(r["metrics"].get("line_accuracy"), ".4f")),
+    ("pages", lambda r: _fmt(r["metrics"].get("pages"), "d")),
+)
 SUMMARY_COLUMNS = ("stage", "variant", "backend", "metric", "Δ pt", "size MB", "p50 ms", "speedup", "img/s")
+E2E_SUMMARY_COLUMNS = ("stage", "variant", "backend", "metric", "Δ pt", "word P", "word R", "CER", "size MB",
+                       "p50 ms", "speedup")
+E2E_TABLE = ("stage", "variant", "backend", "precision", "metric", "Δ pt", "word P", "word R", "CER", "line acc",
+             "pages", "size MB", "size x", "p50 ms", "p99 ms", "speedup", "img/s")
+
+
+def _columns_for(rows):
+    """All columns, or the end-to-end ones (word precision/recall, CER) for ``e2e`` rows."""
+    return E2E_TABLE if rows and all(r["model"] == "e2e" for r in rows) else None
 
 
 def table_cells(rows, columns=None):
-    """Header and cell strings of ``rows`` for the chosen column titles (default: all)."""
-    chosen = [c for c in COLUMNS if columns is None or c[0] in columns]
+    """Header and cell strings of ``rows`` for the chosen column titles (default: all but the e2e ones)."""
+    every = COLUMNS + E2E_COLUMNS
+    if columns is None:
+        chosen = list(COLUMNS)
+    else:
+        by_title = dict(every)
+        chosen = [(title, by_title[title]) for title in columns]
     header = [title for title, _ in chosen]
     return header, [[cell(row) for _, cell in chosen] for row in rows]
 
@@ -209,7 +231,8 @@ def summary_text(rows):
     chosen = summary_rows(rows)
     for model in models_in(chosen):
         model_rows = [r for r in chosen if r["model"] == model]
-        blocks.append(f"== {model} ==\n" + text_table(model_rows, SUMMARY_COLUMNS))
+        columns = E2E_SUMMARY_COLUMNS if model == "e2e" else SUMMARY_COLUMNS
+        blocks.append(f"== {model} ==\n" + text_table(model_rows, columns))
     return "\n".join(blocks)
 
 
@@ -225,7 +248,8 @@ def render_markdown(rows, info, title="Compression A/B report", notes=()):
     parts = [f"# {title}", ""]
     parts += [f"- {line}" for line in _machine_lines(info)] + [""]
     for model in models_in(rows):
-        parts += [f"## {model}", "", markdown_table([r for r in rows if r["model"] == model]), ""]
+        model_rows = [r for r in rows if r["model"] == model]
+        parts += [f"## {model}", "", markdown_table(model_rows, _columns_for(model_rows)), ""]
     parts += [_legend(), ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -270,6 +294,7 @@ def chart_metric_vs_latency(rows, model):
         for r in points:
             axes.annotate(r.get("variant") or r["stage"], (r["latency_ms_p50"], r["metric"]), fontsize=8,
                           xytext=(4, 4), textcoords="offset points")
+    axes.margins(x=0.2, y=0.1)  # room for the labels
     axes.set_xlabel("latency p50, batch 1 (ms)")
     axes.set_ylabel(timed[0]["metric_name"])
     axes.set_title(f"{model}: {timed[0]['metric_name']} vs latency (up and left is better)")
@@ -334,14 +359,16 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #cbd5e0;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#edf2f7}td:nth-child(-n+4){text-align:left}
 tr.baseline td{background:#f7fafc;color:#4a5568}tr.fail td{background:#fed7d7}tr.gated td{font-weight:600}
-.charts img{max-width:680px;margin:6px 12px 6px 0;border:1px solid #e2e8f0}
+.charts{display:flex;flex-wrap:wrap;align-items:flex-start}
+.charts img{max-width:560px;margin:6px 12px 6px 0;border:1px solid #e2e8f0}figure{margin:0}
 .gate{padding:8px 12px;border-radius:4px;margin:12px 0}.pass{background:#c6f6d5}.failed{background:#fed7d7}
+.off{background:#edf2f7}
 .small{color:#4a5568;font-size:12px}
 """
 
 
 def _html_table(rows, failing_keys):
-    header, cells = table_cells(rows)
+    header, cells = table_cells(rows, _columns_for(rows))
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row, row_cells in zip(rows, cells):
         classes = []
@@ -374,9 +401,13 @@ def render_html(rows, info, title="Compression A/B report", images=None, gate=No
              f"<h1>{html.escape(title)}</h1>"]
     if gate is not None:
         state = "pass" if gate["passed"] else "failed"
-        text = gate.get("message") or f"all gated rows within {gate.get('max_metric_drop')} pt of their baseline"
-        parts.append(f'<div class="gate {state}"><b>Gate {"passed" if gate["passed"] else "FAILED"}:</b> '
-                     f"{html.escape(text)}</div>")
+        if gate.get("max_metric_drop") is None:
+            state, title, text = "off", "Gate off", "no max_metric_drop set: nothing is gated"
+        else:
+            title = "Gate passed" if gate["passed"] else "Gate FAILED"
+            text = gate.get("message") or (f"every gated row is within {gate['max_metric_drop']:g} pt of its "
+                                           f"baseline")
+        parts.append(f'<div class="gate {state}"><b>{title}:</b> {html.escape(text)}</div>')
     parts.append('<p class="small">' + "<br>".join(html.escape(line) for line in _machine_lines(info)) + "</p>")
     for model in models_in(rows):
         model_rows = [r for r in rows if r["model"] == model]

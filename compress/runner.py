@@ -174,7 +174,9 @@ class Runner:
             GateError: when a stage's quality gate fails and the stage's policy is to stop.
         """
         manifest = Manifest.load(self.run_dir)
-        if not dry_run:
+        if not is_writer():
+            manifest.save = lambda: None  # other ranks of a data-parallel run compute, rank 0 writes
+        if not dry_run and is_writer():
             os.makedirs(self.run_dir, exist_ok=True)
             dump_config(self.cfg, os.path.join(self.run_dir, "config.yml"))
             manifest.data["pipeline"] = [s.name for s in self.stages]
@@ -239,7 +241,8 @@ class Runner:
                 "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
                 "message": result.message, "seconds": round(seconds, 2)})
             files = checksum_tree(staging.path)
-            staging.commit()
+            if is_writer():
+                staging.commit()
         entry = {"status": DONE if result.passed else FAILED,
                  "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
                  "config_hash": config_hash, "files": files, "metrics": result.metrics,
@@ -326,6 +329,11 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def is_writer():
+    """True in a plain run and on rank 0 of ``paddle.distributed.launch``: only it writes checkpoints."""
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0
 
 
 def output_digest(model, task):

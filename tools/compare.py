@@ -74,8 +74,8 @@ def run_labels(run_dir, other_dir):
 
 def compare(args):
     """Measure and write the reports; returns (rows, gate dict, written paths)."""
-    from compress.report import gate_failures, gate_message, row_key, summary_text, write_reports
-    from compress.stages.compare import open_source, compare_sources
+    from compress.report import summary_text, write_reports
+    from compress.stages.compare import compare_sources, open_source, run_gate
     from compress.timing import machine_info
 
     if args.against:
@@ -90,11 +90,10 @@ def compare(args):
     rows, notes = compare_sources(sources, cfg, reference=0)
     if not rows:
         raise InputError(f"{args.run_dir}: nothing to compare (no finished stage with metrics, nothing exported)")
-    failures = gate_failures([r for r in rows if r.get("run") == sources[-1].label], cfg.max_metric_drop)
-    by_key = {row_key(r): r for r in rows}
-    gate = {"max_metric_drop": cfg.max_metric_drop, "passed": not failures,
-            "message": gate_message(failures, cfg.max_metric_drop, by_key, "--max-metric-drop") if failures else "",
-            "failing": [row_key(r) for r, _ in failures]}
+    setting = "--max-metric-drop" if args.max_metric_drop is not None else "Compare.max_metric_drop"
+    # only the compared run is gated, never the reference
+    gated = [dict(r, gated=r["gated"] and r.get("run") == sources[-1].label) for r in rows]
+    gate = run_gate(gated, cfg.max_metric_drop, setting)
     info = machine_info()
     info.update(threads=cfg.threads or sources[0].config.Global.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                 batch=cfg.batch)

@@ -41,7 +41,8 @@ def main(argv=None):
         if args.rollback_to:
             runner.rollback(args.rollback_to)
             return 0
-        if cfg.Global.demo_data and not args.dry_run:
+        from compress.runner import is_writer
+        if cfg.Global.demo_data and not args.dry_run and is_writer():
             from compress.data.demo import generate_demo_data
             generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
         runner.run(dry_run=args.dry_run)

@@ -238,7 +238,28 @@ def make_plan(model, example_inputs, ratios, criterion="l1_norm", round_to=8, tr
         for key, mask in _group_masks(group, kept, trace).items():
             masks[key] = masks[key] & mask if key in masks else mask
             owner.setdefault(key, master)
-    return _assemble_plan(trace, masks, decisions, criterion_name(criterion), round_to)
+    plan = _assemble_plan(trace, masks, decisions, criterion_name(criterion), round_to)
+    _mirror_training_branches(plan, weights)
+    return plan
+
+
+# Branches the eval-mode trace never sees because they run only in training, paired with the traced conv that
+# reads the same input: PP-OCR's DBHead computes its threshold map from the head input only in train mode.
+TRAINING_ONLY_MIRRORS = {"head.thresh.conv1.weight": "head.binarize.conv1.weight"}
+
+
+def _mirror_training_branches(plan, weights):
+    """Give each training-only conv the input-channel slicing of its traced twin (so the pruned model trains)."""
+    for hidden, twin in TRAINING_ONLY_MIRRORS.items():
+        change = plan.tensors.get(twin)
+        if change is None or 1 not in change.kept or hidden not in weights:
+            continue
+        shape = list(weights[hidden].shape)
+        if shape[1] != change.shape_before[1]:
+            continue
+        after = list(shape)
+        after[1] = len(change.kept[1])
+        plan.tensors[hidden] = TensorChange(shape, after, {1: list(change.kept[1])})
 
 
 def _assemble_plan(trace, masks, decisions, criterion, round_to):

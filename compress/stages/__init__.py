@@ -1,5 +1,5 @@
 """Pipeline stages. Importing this package registers every available stage in ``STAGES``."""
-from compress.stages import evaluation, pruning, quant  # noqa: F401
+from compress.stages import compare, evaluation, pruning, quant  # noqa: F401
 import export.stage  # noqa: F401,E402
 import finetune.stage  # noqa: F401,E402
 from compress.stages.base import PLANNED_STAGES, STAGES, Stage, StageResult, register_stage  # noqa: F401

@@ -11,14 +11,16 @@ then compares every row with its baseline row (``compress.report``). When the la
 it also runs the end-to-end OCR A/B (baseline det+rec system vs compressed det+rec system on the det eval pages)
 and writes the run-level reports into the run directory as well as into the stage directory.
 
-Export layout read (written by the export stage into its checkpoint directory, one folder per variant)::
+Export layout read (``export/stage.py`` writes one folder per model variant into its checkpoint directory)::
 
-    <export dir>/baseline_fp32/   inference.pdmodel + .pdiparams [+ *.onnx] [+ deploy*.yml]
+    <export dir>/baseline_fp32/   the baseline weights (absent when no stage changed them: fp32/ is the baseline)
     <export dir>/fp32/            the compressed float model
-    <export dir>/int8/            the INT8 model (Paddle QDQ; ONNX INT8 files when the export made them)
+    <export dir>/int8/            the INT8 model from the quant stage
+    each with inference.pdmodel/.pdiparams, model.onnx, deploy.yml and deploy_<backend>.yml
 
-A folder's Paddle program runs on ``paddle_cpu``; each ``*.onnx`` file in it runs on ``onnxruntime``. The precision
-comes from the folder's ``deploy*.yml`` when it names one, else from ``int8`` in the folder or file name.
+Each deploy config a folder's ``deploy.yml`` lists is one variant (``export.deploy.DeployBundle``); folders without
+``deploy.yml`` are read from their files (Paddle program -> ``paddle_cpu``, each ``*.onnx`` -> ``onnxruntime``,
+precision from ``int8`` in the name).
 """
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
@@ -97,7 +99,7 @@ class Variant:
     deploy_config: dict = dataclasses.field(default_factory=dict)
     run: str = ""
     deploy_key: Optional[str] = None
-    baseline: bool = False  # the exported baseline model: compared against, never gated
+    baseline: bool = False
 
     @property
     def folder(self):
@@ -118,10 +120,11 @@ class Variant:
 def discover_variants(export_dir, backends=("paddle_cpu", "onnxruntime"), run="", task=None, baseline_names=()):
     """Exported models in an export checkpoint dir, one Variant per (folder, backend).
 
-    Folders starting with ``_`` or ``.`` (scratch, caches) are skipped. A folder with a ``deploy.yml`` (``export.deploy.write_deploy_bundle``) gives one variant per deploy config it
-    lists whose backend is in ``backends`` (``paddle_trt_fp16`` counts as ``paddle_trt``). A folder without one
-    gives a ``paddle_cpu`` variant for its Paddle program and an ``onnxruntime`` variant per ``*.onnx`` file, with
-    the precision read from ``int8`` in the name and the delete-passes of ``task``.
+    Folders starting with ``_`` or ``.`` (scratch, caches) are skipped. A folder with a ``deploy.yml``
+    (``export.deploy.write_deploy_bundle``) gives one variant per deploy config it lists whose backend is in
+    ``backends`` (``paddle_trt_fp16`` counts as ``paddle_trt``). A folder without one gives a ``paddle_cpu``
+    variant for its Paddle program and an ``onnxruntime`` variant per ``*.onnx`` file, with the precision read from
+    ``int8`` in the name and the delete-passes of ``task``.
 
     Args:
         export_dir: the export stage's checkpoint directory (one sub-folder per variant).
@@ -333,8 +336,12 @@ def measure_variants(model_name, variants, task, settings, max_batch_size, facts
     if settings.rss:
         from compress.timing import measure_peak_rss
         for variant in variants:
-            memory = measure_peak_rss(variant.path, variant.deploy(settings.threads), single.shape)
-            rows[_variant_key(variant)]["peak_rss_mb"] = memory.peak_rss_mb
+            row = rows[_variant_key(variant)]
+            try:
+                row["peak_rss_mb"] = measure_peak_rss(variant.path, variant.deploy(settings.threads),
+                                                      single.shape).peak_rss_mb
+            except InputError as exc:  # a memory figure is not worth failing the comparison for
+                row["note"] = " ".join(filter(None, [row["note"], f"peak RSS not measured: {exc}"]))
     return list(rows.values())
 
 
@@ -422,6 +429,14 @@ def mark_gated(rows):
         if staged:
             staged[-1]["gated"] = True
     return rows
+
+
+def run_gate(rows, max_metric_drop, setting="Compare.max_metric_drop"):
+    """The gate summary stored in the reports: passed, message, failing row keys."""
+    failures = gate_failures(rows, max_metric_drop)
+    message = gate_message(failures, max_metric_drop, {row_key(r): r for r in rows}, setting) if failures else ""
+    return {"max_metric_drop": max_metric_drop, "passed": not failures, "message": message,
+            "failing": [row_key(r) for r, _ in failures]}
 
 
 def finish_rows(rows, reference_run=None):
@@ -769,54 +784,47 @@ class CompareStage(Stage):
 
     def run(self, model, cfg, ctx):
         settings = MeasureSettings.from_config(cfg, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
-        main = ctx.task.main_metric
-        rows = manifest_rows(ctx.manifest, ctx.model_name, main)
         notes = []
-        export_dir = checkpoint_dir(ctx.manifest, "export", ctx.model_name)
-        baseline_names = baseline_folders(ctx.manifest, ctx.model_name, export_dir)
-        variants = discover_variants(export_dir, cfg.backends, task=ctx.task.task,
-                                     baseline_names=baseline_names) if export_dir else []
-        variants = drop_unavailable(variants, settings.threads, notes)
-        if export_dir is None:
-            notes.append(f"{ctx.model_name}: no export checkpoint in this run; rows come from the manifest only")
-        rows += measure_variants(ctx.model_name, variants, ctx.task, settings, ctx.model_cfg.Input.max_batch_size,
-                                 model_facts_from_manifest(ctx.manifest, ctx.model_name))
-        finish_rows(rows)
-        atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows})
-
-        all_rows = self._other_models_rows(ctx) + rows
-        if cfg.e2e and self._is_last_model(ctx):
-            all_rows += self._e2e(ctx, cfg, settings, notes)
-        finish_rows(all_rows)
+        rows = finish_rows(self._model_rows(ctx, cfg, settings, notes))
+        e2e = self._e2e(ctx, cfg, settings, notes) if cfg.e2e and self._is_last_model(ctx) else None
+        atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows + (e2e or [])})
+        all_rows = finish_rows(self._other_models_rows(ctx, keep_e2e=e2e is None) + rows + (e2e or []))
         failures = gate_failures(rows, cfg.max_metric_drop)
-        by_key = {row_key(r): r for r in rows}
-        message = gate_message(failures, cfg.max_metric_drop, by_key) if failures else ""
-        all_failures = gate_failures(all_rows, cfg.max_metric_drop)
-        gate = {"max_metric_drop": cfg.max_metric_drop, "passed": not all_failures,
-                "message": gate_message(all_failures, cfg.max_metric_drop, {row_key(r): r for r in all_rows})
-                if all_failures else "", "failing": [row_key(r) for r, _ in all_failures]}
-        info = self._info(settings)
-        write_reports(rows, [os.path.join(ctx.out_dir, "model")], info, f"A/B report: {ctx.model_name}",
-                      self._images(ctx, [ctx.model_name]), gate=None, notes=notes)
-        write_reports(all_rows, [ctx.out_dir, ctx.run_dir], info, "PP-OCR compression A/B report",
-                      self._images(ctx, ctx.manifest.data.get("models", [])), gate=gate, notes=notes)
+        message = gate_message(failures, cfg.max_metric_drop, {row_key(r): r for r in rows}) if failures else ""
+        write_reports(all_rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
+                      self._images(ctx), gate=run_gate(all_rows, cfg.max_metric_drop), notes=notes)
         if self._is_last_model(ctx) or failures:
             print(summary_text(all_rows), flush=True)
-        return StageResult(model=model, metrics=self._metrics(rows, main), passed=not failures, message=message,
-                           metadata={"rows": len(rows), "variants": [f"{v.name}@{v.backend}" for v in variants]})
+        return StageResult(model=model, metrics=self._metrics(rows, ctx.task.main_metric), passed=not failures,
+                           message=message, metadata={"rows": len(rows)})
+
+    def _model_rows(self, ctx, cfg, settings, notes):
+        """Manifest rows of this model, plus its exported models measured now."""
+        rows = manifest_rows(ctx.manifest, ctx.model_name, ctx.task.main_metric)
+        export_dir = checkpoint_dir(ctx.manifest, "export", ctx.model_name)
+        if export_dir is None:
+            notes.append(f"{ctx.model_name}: no export checkpoint in this run; rows come from the manifest only")
+            return rows
+        variants = discover_variants(export_dir, cfg.backends, task=ctx.task.task,
+                                     baseline_names=baseline_folders(ctx.manifest, ctx.model_name, export_dir))
+        variants = drop_unavailable(variants, settings.threads, notes)
+        return rows + measure_variants(ctx.model_name, variants, ctx.task, settings,
+                                       ctx.model_cfg.Input.max_batch_size,
+                                       model_facts_from_manifest(ctx.manifest, ctx.model_name))
 
     def _is_last_model(self, ctx):
         models = ctx.manifest.data.get("models") or [ctx.model_name]
         return ctx.model_name == models[-1]
 
-    def _other_models_rows(self, ctx):
+    def _other_models_rows(self, ctx, keep_e2e):
+        """Rows the other models' latest compare checkpoints recorded (their e2e rows only with ``keep_e2e``)."""
         rows = []
         for other in ctx.manifest.data.get("models", []):
             if other == ctx.model_name:
                 continue
             folder = checkpoint_dir(ctx.manifest, self.name, other)
             if folder is not None:
-                rows += [r for r in read_rows(folder) if r["model"] != "e2e"]
+                rows += [r for r in read_rows(folder) if keep_e2e or r["model"] != "e2e"]
         return rows
 
     def _e2e(self, ctx, cfg, settings, notes):
@@ -834,9 +842,10 @@ class CompareStage(Stage):
                 variants_by_model[name] = (model_cfg, drop_unavailable(found, settings.threads, []))
         return _e2e_for(variants_by_model, cfg, settings, notes, print)
 
-    def _images(self, ctx, models):
+    def _images(self, ctx):
+        """The sensitivity stage's curves (``sensitivity.png``) per model, for the HTML report."""
         images = {}
-        for model_name in models:
+        for model_name in ctx.manifest.data.get("models", []):
             entry = ctx.manifest.entry("sensitivity", model_name)
             if entry is None or entry.get("status") != DONE:
                 continue
