@@ -23,3 +23,22 @@ class GateError(CompressError):
     """A quality gate failed: the compressed model lost more than the configured budget."""
 
     exit_code = 3
+
+
+def run_cli(main, interrupted="interrupted"):
+    """Run a command-line ``main()``: a CompressError becomes one line on stderr and its exit code.
+
+    Args:
+        main: callable returning the exit code.
+        interrupted: what to print on Ctrl-C (exit code 130).
+    """
+    import sys
+
+    try:
+        return main()
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

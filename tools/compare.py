@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compress.errors import CompressError, GateError, InputError  # noqa: E402
+from compress.errors import GateError, InputError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -107,17 +107,14 @@ def compare(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        _, gate, _ = compare(args)
-        if not gate["passed"]:
-            raise GateError(gate["message"])
-        return 0
-    except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run(args), "interrupted")
+
+
+def _run(args):
+    _, gate, _ = compare(args)
+    if not gate["passed"]:
+        raise GateError(gate["message"])
+    return 0
 
 
 if __name__ == "__main__":

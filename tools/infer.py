@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compress.errors import CompressError, InputError  # noqa: E402
+from compress.errors import InputError, run_cli  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,23 +56,23 @@ def list_images(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        paths = list_images(args)
-        from export.ocr_system import OcrSystem, draw_result, format_label_line, read_image
+    return run_cli(lambda: _run(args))
 
-        system = OcrSystem(args.det, args.rec, backend=args.backend, dict_path=args.dict,
-                           drop_score=args.drop_score, threads=args.threads)
-        for path in paths:
-            image = read_image(path)
-            lines = system(image)
-            print(format_label_line(os.path.basename(path), lines), flush=True)
-            if args.draw:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                draw_result(image, lines, os.path.join(args.draw, f"{stem}_ocr.png"), args.font)
-        return 0
-    except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+
+def _run(args):
+    paths = list_images(args)
+    from export.ocr_system import OcrSystem, draw_result, format_label_line, read_image
+
+    system = OcrSystem(args.det, args.rec, backend=args.backend, dict_path=args.dict,
+                       drop_score=args.drop_score, threads=args.threads)
+    for path in paths:
+        image = read_image(path)
+        lines = system(image)
+        print(format_label_line(os.path.basename(path), lines), flush=True)
+        if args.draw:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            draw_result(image, lines, os.path.join(args.draw, f"{stem}_ocr.png"), args.font)
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from compress.data.demo import DemoCounts, generate_demo_data  # noqa: E402
-from compress.errors import CompressError  # noqa: E402
+from compress.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,13 +36,13 @@ def parse_args(argv=None):
 def main(argv=None):
     """Generate the data set and print one summary line; a CompressError becomes one line on stderr, exit 2."""
     args = parse_args(argv)
-    try:
-        counts = DemoCounts(**{field.name: getattr(args, field.name) for field in dataclasses.fields(DemoCounts)})
-        info = generate_demo_data(args.out, seed=args.seed, counts=counts, show_progress=not args.quiet,
-                                  force=args.force)
-    except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_cli(lambda: _run(args))
+
+
+def _run(args):
+    counts = DemoCounts(**{field.name: getattr(args, field.name) for field in dataclasses.fields(DemoCounts)})
+    info = generate_demo_data(args.out, seed=args.seed, counts=counts, show_progress=not args.quiet,
+                              force=args.force)
     state = "wrote" if info["generated"] else "kept existing"
     det = "/".join(str(info["counts"][f"det_{split}"]) for split in ("train", "eval", "calib"))
     rec = "/".join(str(info["counts"][f"rec_{split}"]) for split in ("train", "eval", "calib"))

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compress.errors import CompressError  # noqa: E402
+from compress.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,31 +28,27 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        from compress.config import load_config
-        from compress.runner import Runner, print_listing
-        from compress.stages import stage_sections
+    return run_cli(lambda: _run(args), "interrupted: finished stages are kept; run the same command again to resume")
 
-        cfg = load_config(args.config, args.opt, stage_sections=stage_sections())
-        runner = Runner(cfg)
-        if args.list:
-            print_listing(runner)
-            return 0
-        if args.rollback_to:
-            runner.rollback(args.rollback_to)
-            return 0
-        from compress.runner import is_writer
-        if cfg.Global.demo_data and not args.dry_run and is_writer():
-            from compress.data.demo import generate_demo_data
-            generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
-        runner.run(dry_run=args.dry_run)
+
+def _run(args):
+    from compress.config import load_config
+    from compress.runner import Runner, is_writer, print_listing
+    from compress.stages import stage_sections
+
+    cfg = load_config(args.config, args.opt, stage_sections=stage_sections())
+    runner = Runner(cfg)
+    if args.list:
+        print_listing(runner)
         return 0
-    except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    if args.rollback_to:
+        runner.rollback(args.rollback_to)
+        return 0
+    if cfg.Global.demo_data and not args.dry_run and is_writer():
+        from compress.data.demo import generate_demo_data
+        generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
+    runner.run(dry_run=args.dry_run)
+    return 0
 
 
 if __name__ == "__main__":

@@ -204,6 +204,11 @@ def ratios_for_flops_target(sens, baseline, target_reduction, grid, model, trace
 
     losses = [loss for curve in sens.values() for _, loss in _losses(curve, baseline, grid)]
     low, high = 0.0, max(losses) + 1e-9
+    ratios, plan = plan_for(low)
+    if plan.flops_reduction > target_reduction:
+        # Layers that lost nothing up to the largest grid ratio already overshoot at a zero budget: scale those
+        # ratios down together until the target is met.
+        return _scaled_to_target(ratios, target_reduction, model, trace, criterion, round_to)
     ratios, plan = plan_for(high)
     if plan.flops_reduction < target_reduction:
         raise ConfigError(f"FLOPs reduction target {target_reduction:.1%} is out of reach: the largest ratios of "
@@ -220,6 +225,26 @@ def ratios_for_flops_target(sens, baseline, target_reduction, grid, model, trace
         if high - low < 1e-6 * max(1.0, high):
             break
     return best
+
+
+def _scaled_to_target(ratios, target_reduction, model, trace, criterion, round_to):
+    """Bisection on one factor applied to every ratio: the smallest scaling that reaches the FLOPs target."""
+    def plan_for(scale):
+        scaled = {layer: ratio * scale for layer, ratio in ratios.items()}
+        return scaled, make_plan(model, None, scaled, criterion, round_to=round_to, trace=trace)
+
+    low, high = 0.0, 1.0
+    best = plan_for(high)
+    for _ in range(30):
+        middle = (low + high) / 2
+        scaled, plan = plan_for(middle)
+        if plan.flops_reduction >= target_reduction:
+            best, high = (scaled, plan), middle
+        else:
+            low = middle
+        if high - low < 1e-4:
+            break
+    return best[0], best[1], 0.0
 
 
 def _mean_loss(curve, baseline):

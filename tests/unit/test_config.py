@@ -107,7 +107,7 @@ def run_cli(*args, cwd):
 @pytest.mark.parametrize("pipeline_text, overrides, fragment", [
     (BASE.replace("[baseline]", "[baseline, sharpen]"), [], "unknown stage 'sharpen'"),
     (BASE.replace("[baseline]", "[eval, baseline]"), [], "stage 'eval' cannot be first"),
-    (BASE.replace("[baseline]", "[baseline, bogus_stage]"), [], "valid: baseline, eval"),
+    (BASE.replace("[baseline]", "[baseline, bogus_stage]"), [], "valid: baseline, compare, eval, export"),
     (BASE, ["Global.threads=two"], "Global.threads: expected an integer"),
 ])
 def test_cli_prints_one_line_and_exits_2(tmp_path, pipeline_text, overrides, fragment):
@@ -126,3 +126,12 @@ def test_cli_missing_config_file(tmp_path):
     assert proc.stderr.strip() == ("error: missing.yml: config file not found; check the path (relative paths "
                                    "start at the current directory for -c, at the including file for Models "
                                    "entries)")
+
+
+def test_planned_but_unbuilt_stage_is_rejected_not_skipped(tmp_path, monkeypatch):
+    from compress.runner import check_pipeline
+    from compress.stages.base import PLANNED_STAGES
+    monkeypatch.setitem(PLANNED_STAGES, "nas", "architecture search")
+    cfg = load(write(tmp_path, BASE.replace("[baseline]", "[baseline, nas]")))
+    with pytest.raises(ConfigError, match="stage 'nas' is not available yet \\(architecture search\\); remove it"):
+        check_pipeline(cfg)

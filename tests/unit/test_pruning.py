@@ -428,6 +428,17 @@ def test_ratios_for_flops_target_reaches_the_target(tiny):
         ratios_for_flops_target(sens, 0.80, 0.95, [0.2, 0.4, 0.6], net, trace)
 
 
+def test_flops_target_scales_down_layers_that_overshoot_at_zero_loss(tiny):
+    net, _, trace = tiny
+    lossless = {EXPAND: SENS["c"], LEFT: SENS["c"], RIGHT: SENS["c"], FUSE: SENS["c"]}
+    at_zero_budget = {k: v for k, v in ratios_from_loss_budget(lossless, 0.80, 0.0).items() if v > 0}
+    overshoot = make_plan(net, None, at_zero_budget, trace=trace).flops_reduction
+    target = overshoot / 2
+    ratios, plan, _ = ratios_for_flops_target(lossless, 0.80, target, [0.2, 0.4, 0.6], net, trace)
+    assert target <= plan.flops_reduction < overshoot
+    assert all(r < 0.6 for r in ratios.values())
+
+
 def test_plot_sensitivity_writes_a_png(tmp_path):
     path = tmp_path / "sens.png"
     plot_sensitivity(SENS, str(path), top_k=2)
