@@ -119,8 +119,13 @@ class FinetuneStage(Stage):
     @staticmethod
     def _stage_result(model, cfg, ctx, result, input_weights):
         main = ctx.task.main_metric
-        best = result.best_metrics.get(main)
         metrics = dict(result.best_metrics)
+        if cfg.eval_limit is not None:
+            # the best step was chosen on a subset: report (and gate) the whole Eval split, as the baseline was
+            from compress.tasks import dygraph_predictor
+            metrics = {f"subset_{k}": v for k, v in result.best_metrics.items()}
+            metrics.update(ctx.task.evaluate(dygraph_predictor(model), desc=f"finetuned {ctx.model_name}"))
+        best = metrics.get(main)
         metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
                        seconds_per_step=round(result.seconds_per_step, 4))
         if main in result.start_metrics:
