@@ -183,8 +183,8 @@ class Runner:
             manifest.data["models"] = list(self.cfg.models)
         states = {name: _ModelState(parent_hash=self._model_hash(name)) for name in self.cfg.models}
         count = len(self.stages)
-        gate_failures = []
         for index, stage in enumerate(self.stages):
+            stopping = []  # gate failures that stop the pipeline once every model has run this stage
             for model_name, state in states.items():
                 stage_cfg = self.stage_cfgs[stage.name, model_name]
                 config_hash = stable_hash(stage.name, stage_cfg, state.parent_hash)
@@ -204,12 +204,14 @@ class Runner:
                     state.forced = True
                     continue
                 passed = self._run_stage(manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix)
-                if not passed:
-                    gate_failures.append((stage.name, model_name))
-                    if stage.on_gate_fail(stage_cfg) == "stop":
-                        raise GateError(f"stage '{stage.name}' failed its gate for model '{model_name}': "
-                                        f"{manifest.entry(stage.name, model_name).get('message', '')}; head stays "
-                                        f"on '{manifest.head}'")
+                if not passed and stage.on_gate_fail(stage_cfg) == "stop":
+                    stopping.append(model_name)
+            if stopping:
+                first = stopping[0]
+                others = f" (also: {', '.join(stopping[1:])})" if len(stopping) > 1 else ""
+                raise GateError(f"stage '{stage.name}' failed its gate for model '{first}'{others}: "
+                                f"{manifest.entry(stage.name, first).get('message', '')}; head stays on "
+                                f"'{manifest.head}'")
             if not dry_run:
                 manifest.data["head"] = stage.name
                 manifest.save()

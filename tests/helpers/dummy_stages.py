@@ -67,12 +67,28 @@ class TPerturb2(TPerturb):
 
 
 class TCheck(Stage):
-    name, section, config_cls, allowed_after = "t_check", "TCheck", NoConfig, ("t_perturb", "t_perturb2")
+    name, section, config_cls, allowed_after = "t_check", "TCheck", NoConfig, ("t_perturb", "t_perturb2", "t_gate")
 
     def run(self, model, cfg, ctx):
         CALLS.append((self.name, ctx.model_name))
         _maybe_die(self.name, ctx)
         return StageResult(model=model, metrics={"out_sum": float(forward(model).sum())})
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    fail_for: str = ""
+    on_gate_fail: str = "stop"
+
+
+class TGate(Stage):
+    name, section, config_cls, allowed_after = "t_gate", "TGate", GateConfig, ("t_perturb", "t_check")
+
+    def run(self, model, cfg, ctx):
+        CALLS.append((self.name, ctx.model_name))
+        failed = ctx.model_name == cfg.fail_for
+        return StageResult(model=model, metrics={"out_sum": 1.0}, passed=not failed,
+                           message="out_sum too low" if failed else "")
 
 
 def _maybe_die(name, ctx):
@@ -84,7 +100,7 @@ def _maybe_die(name, ctx):
         raise RuntimeError(f"simulated crash in {name}")
 
 
-for _cls in (TInit, TPerturb, TPerturb2, TCheck):
+for _cls in (TInit, TPerturb, TPerturb2, TCheck, TGate):
     if _cls.name not in STAGES:
         STAGES.register(_cls.name, _cls)
 

@@ -169,3 +169,24 @@ def test_list_shows_status(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^t_check +a +stale ", out, re.M)
     assert "head: t_perturb" in out
+
+
+def test_gate_failure_stops_after_every_model_ran_the_stage(tmp_path):
+    from compress.errors import GateError
+    runner, lines = make_runner(tmp_path, "TGate.fail_for=a", pipeline=("t_init", "t_perturb", "t_gate", "t_check"))
+    with pytest.raises(GateError, match="stage 't_gate' failed its gate for model 'a': out_sum too low; head stays "
+                                        "on 't_perturb'"):
+        runner.run()
+    manifest = Manifest.load(runner.run_dir)
+    assert manifest.entry("t_gate", "a")["status"] == "failed"
+    assert manifest.entry("t_gate", "b")["status"] == "done"
+    assert ("t_check", "a") not in CALLS and ("t_check", "b") not in CALLS
+
+
+def test_gate_failure_with_continue_goes_on_from_the_input_model(tmp_path):
+    runner, _ = make_runner(tmp_path, "TGate.fail_for=a", "TGate.on_gate_fail=continue",
+                            pipeline=("t_init", "t_perturb", "t_gate", "t_check"))
+    manifest = runner.run()
+    assert manifest.head == "t_check"
+    assert manifest.entry("t_gate", "a")["status"] == "failed"
+    assert manifest.entry("t_check", "a")["status"] == "done"
