@@ -129,7 +129,7 @@ class FinetuneStage(Stage):
         metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
                        seconds_per_step=round(result.seconds_per_step, 4))
         if main in result.start_metrics:
-            metrics[f"start_{main}"] = result.start_metrics[main]
+            metrics[f"{'subset_' if cfg.eval_limit is not None else ''}start_{main}"] = result.start_metrics[main]
         message = f"best at step {result.best_step}/{result.steps}"
         if result.stopped_early:
             message += " (early stop)"

@@ -37,7 +37,7 @@ def write_pipeline(tmp_path, demo_data):
     path.write_text(text)
     overrides = [f"Models.rec.Train.data_dir={rec}", f"Models.rec.Train.label_file={rec}/train.txt",
                  "Models.rec.Train.limit=64", f"Models.rec.Eval.data_dir={rec}",
-                 f"Models.rec.Eval.label_file={rec}/eval.txt"]
+                 f"Models.rec.Eval.label_file={rec}/eval.txt", "Models.rec.Eval.limit=32"]
     return str(path), overrides
 
 
@@ -54,8 +54,9 @@ def test_finetune_real_rec_model_few_steps(demo_data, tmp_path):
     assert metrics["steps"] == 3 and np.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert 0.0 <= metrics["acc"] <= 1.0 and "norm_edit_dis" in metrics
     # the input model is evaluated first and kept unless beaten, so fine-tuning never returns a worse model
-    assert metrics["start_acc"] == pytest.approx(baseline["acc"])
-    assert metrics["acc"] >= metrics["start_acc"]
+    assert metrics["subset_start_acc"] == pytest.approx(baseline["acc"])
+    assert metrics["subset_acc"] >= metrics["subset_start_acc"]
+    assert metrics["acc"] == pytest.approx(metrics["subset_acc"])  # Eval.limit = eval_limit: same 32 lines
     assert metrics["acc"] > 0.3  # real weights read the demo text; a broken load scores ~0
     assert metrics["seconds_per_step"] > 0
     progress = json.load(open(os.path.join(cfg.Global.run_dir, "work", "finetune", "rec", entry["config_hash"],

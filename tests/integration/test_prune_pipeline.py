@@ -43,7 +43,7 @@ def pruned_run(demo_data, tmp_path_factory):
                  "Pipeline=[baseline, sensitivity, prune]",
                  "Models.det.Eval.limit=3", "Models.rec.Eval.limit=32",
                  "Sensitivity.ratios=[0.5]", "Sensitivity.limit=1", "Sensitivity.per_model={rec: {limit: 8}}",
-                 "Prune.flops_target=0.35"]
+                 "Prune.flops_target=0.35", "Prune.per_model.rec.mode=flops_target"]
     proc = tool("-c", CONFIG, "-o", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, overrides, proc
