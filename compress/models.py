@@ -259,11 +259,6 @@ def build_model(arch_cfg, weights, base_dir=None):
     return model
 
 
-def count_parameters(model):
-    """Number of scalar values in the model's trainable and frozen parameters (BN statistics excluded)."""
-    return sum(int(param.size) for param in model.parameters())
-
-
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
