@@ -9,9 +9,9 @@ import dataclasses
 
 import numpy as np
 
-from compress.errors import ConfigError
+from compress.registry import Registry
 
-_CRITERIA = {}
+_CRITERIA = Registry("pruning criterion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,40 +24,29 @@ class FilterScores:
 
 def register_criterion(name):
     """Class/function decorator adding a criterion under ``name``; a name can be registered once."""
-
-    def add(criterion):
-        if name in _CRITERIA:
-            raise ValueError(f"pruning criterion {name!r} is already registered")
-        _CRITERIA[name] = criterion
-        return criterion
-
-    return add
+    return _CRITERIA.register(name)
 
 
 def criterion_names():
     """Names of the registered criteria, sorted."""
-    return sorted(_CRITERIA)
+    return _CRITERIA.names()
 
 
 def get_criterion(name):
-    """Return the criterion registered under ``name``.
+    """Return the criterion registered under ``name`` (a callable is returned as it is).
 
     Raises:
         ConfigError: when the name is unknown; the message lists the valid names.
     """
-    if callable(name):
-        return name
-    if name not in _CRITERIA:
-        raise ConfigError(f"unknown pruning criterion {name!r}: valid criteria are {', '.join(criterion_names())}")
-    return _CRITERIA[name]
+    return name if callable(name) else _CRITERIA.get(name)
 
 
 def criterion_name(criterion):
     """Registered name of a criterion (or its ``__name__`` for an unregistered callable)."""
     if isinstance(criterion, str):
         return criterion
-    for name, registered in _CRITERIA.items():
-        if registered is criterion:
+    for name in _CRITERIA.names():
+        if _CRITERIA.get(name) is criterion:
             return name
     return getattr(criterion, "__name__", type(criterion).__name__)
 
