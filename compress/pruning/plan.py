@@ -22,11 +22,10 @@ import math
 
 import numpy as np
 import paddle
-from paddleslim.dygraph.prune.filter_pruner import FilterPruner
 
 from compress.errors import CheckpointError, ConfigError
-from compress.pruning.criteria import criterion_name, get_criterion
-from compress.pruning.trace import trace_model
+from compress.pruning.criteria import bind_criterion, criterion_name
+from compress.pruning.trace import trace_model, transform_mask
 
 PLAN_FORMAT_VERSION = 1
 FLOPS_COUNTED = ("MACs of conv2d/depthwise_conv2d and Linear matmuls at the traced input shape, batch included; "
@@ -144,13 +143,6 @@ def kept_channel_count(channels, ratio, round_to):
     return min(channels, max(round_to, kept))
 
 
-def _transform_mask(mask, transforms):
-    for transform in transforms:
-        # PaddleSlim's mask transform (slices/repeats for concat, depthwise, flatten...) does not use `self`.
-        mask = FilterPruner._transform_mask(None, mask, transform)
-    return np.asarray(mask)
-
-
 def _check_ratios(ratios, trace):
     for name, ratio in ratios.items():
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
@@ -182,7 +174,7 @@ def _group_masks(group, kept, trace):
     mask[kept] = 1
     masks = {}
     for member in group.members:
-        member_mask = _transform_mask(mask.copy(), member.transforms).astype(bool)
+        member_mask = transform_mask(mask.copy(), member.transforms).astype(bool)
         size = trace.shapes[member.name][member.axis]
         if member_mask.shape != (size,):
             raise RuntimeError(f"traced mask for {member.name} axis {member.axis} has length {member_mask.size}, "
@@ -200,7 +192,8 @@ def make_plan(model, example_inputs, ratios, criterion="l1_norm", round_to=8, tr
         example_inputs: inputs of ``model.forward`` used for tracing when ``trace`` is None (else unused).
         ratios: conv weight structured name (e.g. ``backbone.blocks3.0.pw_conv.reparam_conv.weight``) -> fraction
             of its output channels to remove, in [0, 1).
-        criterion: a registered criterion name or a criterion callable.
+        criterion: a registered criterion name or a criterion callable (a data-driven one bound to its statistics
+            with :func:`compress.pruning.criteria.bind_criterion`).
         round_to: kept channel counts are multiples of ``round_to`` and at least ``round_to``.
         trace: a :class:`compress.pruning.trace.PruningTrace` of this architecture and input shape, to avoid
             re-tracing when many plans are made.
@@ -213,7 +206,7 @@ def make_plan(model, example_inputs, ratios, criterion="l1_norm", round_to=8, tr
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ConfigError(f"round_to is {round_to!r}: it must be a positive integer")
-    score = get_criterion(criterion)
+    score = bind_criterion(criterion, None)
     trace = trace if trace is not None else trace_model(model, example_inputs)
     _check_ratios(ratios, trace)
     weights = _LazyWeights(model)

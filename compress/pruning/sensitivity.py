@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from compress.errors import CheckpointError, ConfigError
-from compress.pruning.criteria import criterion_name, get_criterion
+from compress.pruning.compensation import add_deltas, plan_compensation
+from compress.pruning.criteria import bind_criterion, criterion_name
 from compress.pruning.plan import make_plan
 from compress.pruning.trace import trace_model
 
@@ -41,14 +42,20 @@ def model_fingerprint(model):
 
 
 @contextlib.contextmanager
-def pruned_by_zeroing(model, plan):
-    """Temporarily zero, in ``model``, every slice that ``plan`` would remove; restore the values on exit."""
+def pruned_by_zeroing(model, plan, deltas=None):
+    """Temporarily zero, in ``model``, every slice that ``plan`` would remove; restore the values on exit.
+
+    ``deltas`` (parameter name -> array to add, e.g. ``plan_compensation(...).deltas``) are added first, so the
+    model computes what the compensated, really pruned model computes.
+    """
     params = dict(model.named_parameters())
     backups = {}
     try:
+        if deltas:
+            backups.update(add_deltas(model, deltas))
         for name, change in plan.tensors.items():
             value = params[name].numpy()
-            backups[name] = value.copy()
+            backups.setdefault(name, value.copy())
             for axis, kept in change.kept.items():
                 removed = np.setdiff1d(np.arange(value.shape[axis]), kept)
                 index = [slice(None)] * value.ndim
@@ -88,7 +95,8 @@ def _load_state(state_path, settings):
 
 
 def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, eval_fn, state_path,
-                        show_progress=True, *, trace=None, round_to=8, settings_tag=None):
+                        show_progress=True, *, trace=None, round_to=8, settings_tag=None, stats=None,
+                        compensate=False):
     """Metric after pruning each layer alone at each ratio; resumable.
 
     Progress is saved to ``state_path`` (JSON, replaced atomically) after every (layer, ratio) pair. A re-run
@@ -108,6 +116,9 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
         trace: optional :class:`compress.pruning.trace.PruningTrace` of the model.
         round_to: channel rounding (as in plans). A pair whose rounding keeps every channel is not evaluated.
         settings_tag: any JSON value describing the evaluation (data subset, metric); part of the settings.
+        stats: :class:`compress.pruning.compensation.ActivationStats` of the model, for a data-driven criterion
+            and for ``compensate``.
+        compensate: give each pruned layer's consumers bias compensation, as the prune stage does.
 
     Returns:
         dict: ``{layer: {0.0: baseline, ratio: metric, ...}}`` for the requested layers and grid.
@@ -115,13 +126,16 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
     grid = sorted({float(r) for r in ratios_grid})
     if not grid or grid[0] <= 0.0 or grid[-1] >= 1.0:
         raise ConfigError(f"sensitivity ratios must be in (0, 1), got {list(ratios_grid)}")
-    get_criterion(criterion)
+    score = bind_criterion(criterion, stats)
+    if compensate and stats is None:
+        raise ConfigError("bias compensation needs the model's activation statistics (stats=...)")
     trace = trace if trace is not None else trace_model(model, example_inputs)
     unknown = [layer for layer in layers if layer not in trace.groups]
     if unknown:
         raise ConfigError(f"cannot analyse {unknown[0]}: "
                           f"{trace.skipped.get(unknown[0], 'not a prunable conv weight of this model')}")
     settings = {"model": model_fingerprint(model), "criterion": criterion_name(criterion), "round_to": round_to,
+                "compensate": bool(compensate),
                 "input_shapes": trace.input_shapes, "tag": settings_tag}
     state = _load_state(state_path, settings)
     results = state["results"]
@@ -134,9 +148,10 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
             bar.update(1)
         for layer, ratio in todo:
             bar.set_postfix_str(f"{layer.rsplit('.', 2)[0]} @ {ratio:g}")
-            plan = make_plan(model, None, {layer: ratio}, criterion, round_to=round_to, trace=trace)
+            plan = make_plan(model, None, {layer: ratio}, score, round_to=round_to, trace=trace)
             if plan.tensors:
-                with pruned_by_zeroing(model, plan):
+                deltas = plan_compensation(model, plan, stats, trace).deltas if compensate else None
+                with pruned_by_zeroing(model, plan, deltas):
                     metric = float(eval_fn(model))
             else:
                 metric = state["baseline"]

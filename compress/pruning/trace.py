@@ -22,6 +22,7 @@ import time
 import numpy as np
 import paddle
 from paddleslim.core import GraphWrapper, OpWrapper, VarWrapper, dygraph2program
+from paddleslim.dygraph.prune.filter_pruner import FilterPruner
 from paddleslim.prune.prune_worker import PRUNE_WORKER, UnsupportOpError
 
 from compress.pruning.adapters import traceable
@@ -72,6 +73,7 @@ class PruningTrace:
         layer_of: parameter/buffer name -> structured name of the layer that owns it.
         trainable: names of the trainable parameters used by the traced forward.
         conv_groups: conv weight name -> ``groups`` of the conv.
+        bn_after: conv weight name -> scale of the BatchNorm that directly follows it, for every conv that has one.
         input_shapes: shapes of the example inputs the trace was made with.
         seconds: how long tracing took.
     """
@@ -86,6 +88,7 @@ class PruningTrace:
     conv_groups: dict
     input_shapes: list
     seconds: float
+    bn_after: dict = dataclasses.field(default_factory=dict)
 
 
 class _Var(VarWrapper):
@@ -126,6 +129,14 @@ class _IndexedGraph(GraphWrapper):
     def leaves(self):
         """Names of variables no operator consumes (the model outputs, among others)."""
         return [name for name in self._block_vars if not self.consumers.get(name)]
+
+
+def transform_mask(mask, transforms):
+    """Map a mask over a group's master channels onto a member tensor's axis with the member's transforms."""
+    for transform in transforms:
+        # PaddleSlim's mask transform (slices/repeats for concat, depthwise, flatten...) does not use `self`.
+        mask = FilterPruner._transform_mask(None, mask, transform)
+    return np.asarray(mask)
 
 
 def _example_arrays(example_inputs):
@@ -289,7 +300,9 @@ def _build_trace(graph, names):
     return PruningTrace(groups=groups, skipped=skipped, conv_order=list(conv_ops), shapes=shapes,
                         macs_per_weight=macs, layer_of=layer_of, trainable=trainable,
                         conv_groups={weight: int(op.attr("groups") or 1) for weight, op in conv_ops.items()},
-                        input_shapes=[], seconds=0.0)
+                        input_shapes=[], seconds=0.0,
+                        bn_after={weight: bn for weight, op in conv_ops.items()
+                                  if (bn := _bn_scale_after(graph, op, names)) is not None})
 
 
 def _reason(error):

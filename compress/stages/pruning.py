@@ -41,12 +41,29 @@ class SensitivityConfig:
     limit: Optional[int] = 8  # samples of that split per evaluation
     round_to: int = 8
     top_k: int = 5  # most sensitive layers labelled in the plot
+    compensate: bool = True  # bias compensation of the removed channels' means, as the prune stage applies it
+    stats_limit: Optional[int] = 16  # Calibration samples the activation statistics are measured on
 
     def validate(self, where):
         _check_criterion(self.criterion, where)
         _check_round_to(self.round_to, where)
+        _check_stats_limit(self.stats_limit, where)
         if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
             raise ConfigError(f"{where}.ratios: each ratio must be in (0, 1), got {list(self.ratios)}")
+
+
+def _check_stats_limit(value, where):
+    if value is not None and value < 1:
+        raise ConfigError(f"{where}.stats_limit: must be >= 1 or null (the whole Calibration split), got {value}")
+
+
+def activation_stats(model, cfg, ctx):
+    """Activation statistics of ``model`` on the Calibration split when the criterion or compensation needs them."""
+    from compress.pruning.compensation import measure_activation_stats
+    from compress.pruning.criteria import needs_stats
+    if not (cfg.compensate or needs_stats(cfg.criterion)):
+        return None
+    return measure_activation_stats(model, ctx.task.input_batches("calibration", limit=cfg.stats_limit))
 
 
 def _trace(model, ctx):
@@ -84,8 +101,10 @@ class SensitivityStage(Stage):
         try:
             sens = analyze_sensitivity(model, None, layers, cfg.ratios, cfg.criterion, eval_fn,
                                        os.path.join(ctx.work_dir, "sensitivity_state.json"), show_progress=shown,
-                                       trace=trace, round_to=cfg.round_to,
-                                       settings_tag={"split": cfg.split, "limit": cfg.limit, "metric": main})
+                                       trace=trace, round_to=cfg.round_to, stats=activation_stats(model, cfg, ctx),
+                                       compensate=cfg.compensate,
+                                       settings_tag={"split": cfg.split, "limit": cfg.limit, "metric": main,
+                                                     "stats_limit": cfg.stats_limit})
         finally:
             task.show_progress = shown
         baseline = next(iter(sens.values()))[0.0] if sens else None
@@ -135,17 +154,20 @@ def ranked_table(sens, ranked, baseline, metric):
 class PruneConfig:
     """``Prune`` section."""
 
-    criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm
+    criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm | activation
     mode: Literal["flops_target", "loss_budget", "uniform"] = "flops_target"
     flops_target: float = 0.4  # flops_target: fraction of FLOPs to remove, ratios chosen from the sensitivity
     max_loss: float = 0.01  # loss_budget: per layer, the largest ratio whose metric loss stays within this
     ratio: float = 0.3  # uniform: the same ratio for every prunable conv
     skip: List[str] = DEFAULT_SKIP
     round_to: int = 8  # kept channel counts are multiples of this (INT8 kernels like 8)
+    compensate: bool = True  # fold the removed channels' mean contribution into the next layers' biases
+    stats_limit: Optional[int] = 16  # Calibration samples the activation statistics are measured on
 
     def validate(self, where):
         _check_criterion(self.criterion, where)
         _check_round_to(self.round_to, where)
+        _check_stats_limit(self.stats_limit, where)
         if not 0.0 < self.flops_target < 1.0:
             raise ConfigError(f"{where}.flops_target: must be in (0, 1), got {self.flops_target}")
         if not 0.0 <= self.ratio < 1.0:
@@ -165,15 +187,17 @@ class PruneStage(Stage):
     allowed_after = ("baseline", "sensitivity", "eval", "finetune")
     summary = "structured filter pruning"
 
-    def plan(self, model, cfg, ctx):
+    def plan(self, model, cfg, ctx, stats=None, trace=None):
         """The pruning plan for ``model`` (nothing is changed)."""
+        from compress.pruning.criteria import bind_criterion
         from compress.pruning.plan import make_plan
         from compress.pruning.selection import prunable_layers
         from compress.pruning.sensitivity import ratios_for_flops_target, ratios_from_loss_budget
-        trace = _trace(model, ctx)
+        trace = trace or _trace(model, ctx)
+        criterion = bind_criterion(cfg.criterion, stats if stats is not None else activation_stats(model, cfg, ctx))
         if cfg.mode == "uniform":
             layers = prunable_layers(model, tuple(cfg.skip), trace=trace, round_to=cfg.round_to)
-            return make_plan(model, None, {layer: cfg.ratio for layer in layers}, cfg.criterion,
+            return make_plan(model, None, {layer: cfg.ratio for layer in layers}, criterion,
                              round_to=cfg.round_to, trace=trace)
         sens_path = os.path.join(ctx.stage_dir("sensitivity"), "sensitivity.json")
         sens = load_sensitivity(sens_path)
@@ -183,16 +207,21 @@ class PruneStage(Stage):
             raise ConfigError(f"Prune.skip: every analysed layer is skipped ({', '.join(cfg.skip)}); loosen it")
         if cfg.mode == "flops_target":
             _, plan, _ = ratios_for_flops_target(sens, None, cfg.flops_target, None, model, trace,
-                                                 criterion=cfg.criterion, round_to=cfg.round_to)
+                                                 criterion=criterion, round_to=cfg.round_to)
             return plan
         ratios = {k: v for k, v in ratios_from_loss_budget(sens, None, cfg.max_loss).items() if v > 0}
-        return make_plan(model, None, ratios, cfg.criterion, round_to=cfg.round_to, trace=trace)
+        return make_plan(model, None, ratios, criterion, round_to=cfg.round_to, trace=trace)
 
     def run(self, model, cfg, ctx):
+        from compress.pruning.compensation import add_deltas, plan_compensation
         from compress.pruning.plan import apply_plan, format_plan
         started = time.time()
-        plan = self.plan(model, cfg, ctx)
+        trace, stats = _trace(model, ctx), activation_stats(model, cfg, ctx)
+        plan = self.plan(model, cfg, ctx, stats=stats, trace=trace)
+        compensation = plan_compensation(model, plan, stats, trace) if cfg.compensate else None
         plan_seconds = time.time() - started
+        if compensation is not None:
+            add_deltas(model, compensation.deltas)
         apply_plan(model, plan)
         model.eval()
         atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
@@ -204,10 +233,15 @@ class PruneStage(Stage):
                        flops_reduction=round(plan.flops_reduction, 4),
                        params_reduction=round(plan.params_reduction, 4), plan_seconds=round(plan_seconds, 1))
         pruned = sum(1 for d in plan.decisions if d.status == "pruned")
-        return StageResult(model=model, metrics=metrics, metadata={"plan": json.loads(plan.to_json())},
+        metadata = {"plan": json.loads(plan.to_json())}
+        if compensation is not None:
+            metadata["compensation"] = {"layers": compensation.layers, "skipped": compensation.skipped,
+                                        "calibration_samples": stats.samples}
+        return StageResult(model=model, metrics=metrics, metadata=metadata,
                            weights_changed=True,
                            message=f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, "
-                                   f"{pruned} convs pruned ({cfg.criterion})")
+                                   f"{pruned} convs pruned ({cfg.criterion}"
+                                   f"{', bias-compensated' if compensation is not None else ''})")
 
     def restore(self, model, cfg, metadata):
         from compress.pruning.plan import PrunePlan, apply_plan
