@@ -171,14 +171,16 @@ def test_calibration_batches_accept_a_generator_function():
     assert len(batches) == 3
 
 
-def test_onnx_runtime_int8_close_to_float(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["dense", "full"])
+def test_onnx_runtime_int8_close_to_float(tiny_model_dir, tmp_path, recipe):
     from compress.quant.onnx_int8 import build_onnx_int8
 
-    result = build_onnx_int8(tiny_model_dir, str(tmp_path / "onnx"), _batches(4), nodes="all")
+    result = build_onnx_int8(tiny_model_dir, str(tmp_path / "onnx"), _batches(4), recipe=recipe)
     batch = _batches(1, seed=5)[0]
     reference = _run(tiny_model_dir, DeployConfig(mkldnn=False), batch)
     float_out = _run(result.float_onnx, DeployConfig(backend="onnxruntime"), batch)
     int8_out = _run(result.int8_onnx, DeployConfig(backend="onnxruntime"), batch)
     np.testing.assert_allclose(float_out, reference, rtol=1e-4, atol=1e-4)
     assert np.abs(int8_out - reference).mean() / np.abs(reference).mean() < 0.05
-    assert result.quantized_nodes > 0
+    assert result.recipe == recipe
+    assert (result.quantized_nodes > 0) == (recipe == "dense")
