@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
@@ -22,6 +23,8 @@ from typing import Any, Dict, List, Literal, Optional
 import yaml
 
 from compress.errors import ConfigError
+
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # --------------------------------------------------------------------------------------------- generic parsing
 
@@ -87,6 +90,8 @@ def _convert(value, tp, where):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
+            return float(value)  # PyYAML (YAML 1.1) reads 5e-5 as a string: it wants a dot in the mantissa
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

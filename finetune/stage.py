@@ -6,35 +6,28 @@ split every ``eval_every`` steps, keeps the best weights, and fails its gate whe
 continues where it stopped when the pipeline is run again.
 """
 import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
 from compress.errors import ConfigError, InputError
 from compress.stages.base import Stage, StageResult, register_stage
 from finetune.data import make_train_loader
-from finetune.trainer import (DistillConfig, OptimizerConfig, TaskEvaluator, TeacherDistillation,  # noqa: F401
-                              TrainConfig, Trainer, build_task_loss, copy_weights)
+from finetune.trainer import (DistillConfig, OptimizerConfig, TaskEvaluator, TaskTrainConfig,  # noqa: F401
+                              TeacherDistillation, TrainConfig, Trainer, build_task_loss, copy_weights)
 
 # Weight decay of PaddleOCR's PP-OCRv4 training configs (Optimizer.regularizer: L2), used when none is set.
 DEFAULT_WEIGHT_DECAY = {"det": 5e-6, "rec": 3e-5}
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(TrainConfig):
-    """``Finetune`` section: the :class:`~finetune.trainer.TrainConfig` keys plus data, loss and gate settings."""
+class FinetuneConfig(TaskTrainConfig):
+    """``Finetune`` section: the :class:`~finetune.trainer.TaskTrainConfig` keys plus the gate."""
 
-    batch_size: Optional[int] = None  # per process; null: the Train split's batch_size
-    num_workers: int = 0  # DataLoader worker processes
-    loss: Dict[str, Any] = field(default_factory=dict)  # ppocr loss keys; default DBLoss (det) / CTCLoss (rec)
     max_drop: Optional[float] = 0.01  # gate: best metric >= baseline - max_drop (metric units); null: no gate
     on_gate_fail: Literal["stop", "continue"] = "stop"
 
     def validate(self, where):
         super().validate(where)
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"{where}.max_drop: must be >= 0 or null, got {self.max_drop}")
 
@@ -59,6 +52,42 @@ def gate_message(main, best, baseline, max_drop):
     return (f"{main} {best:.4f} < {baseline:.4f}-{max_drop:g}: raise Finetune.epochs or lower Prune ratios")
 
 
+def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetune"):
+    """A :class:`~finetune.trainer.Trainer` for ``model`` on the model config's ``Train`` split.
+
+    Uses the task's PP-OCR loss, PaddleOCR's weight decay when none is set, evaluation on the Eval split (its first
+    ``cfg.eval_limit`` samples) and distillation from ``make_teacher()`` when ``cfg.distill.enabled``.
+
+    Args:
+        model: the dygraph model to train in place.
+        cfg: a :class:`~finetune.trainer.TaskTrainConfig`.
+        ctx: the stage context (task, model config, seed).
+        make_teacher: zero-argument callable returning the frozen teacher (called only for distillation).
+        work_dir: folder for progress saves (resume); None disables them.
+        section: the config key path named in error messages (e.g. ``Quant.qat``).
+
+    Raises:
+        InputError: when the model config has no ``Train`` section.
+    """
+    split = ctx.model_cfg.Train
+    if split is None:
+        raise InputError(f"{ctx.model_cfg.source_file}: Train: section missing; {section} needs data_dir, "
+                         f"label_file and transforms of a training split")
+    task = ctx.task
+    if cfg.optimizer.weight_decay is None:
+        cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task.task)))
+    loader = make_train_loader(task, split, cfg.batch_size, seed=ctx.global_cfg.seed, num_workers=cfg.num_workers)
+    distill = None
+    if cfg.distill.enabled:
+        distill = TeacherDistillation(make_teacher(), task.task, cfg.distill.kind, cfg.distill.weight)
+    evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} eval {ctx.model_name}")
+    trainer = Trainer(model, build_task_loss(task.task, cfg.loss, where=f"{section}.loss"), loader, cfg,
+                      evaluator, work_dir, distill, seed=ctx.global_cfg.seed)
+    trainer.show_progress = ctx.global_cfg.show_progress
+    trainer.section = section
+    return trainer
+
+
 @register_stage
 class FinetuneStage(Stage):
     """Recovers accuracy lost by pruning with a short low-LR training run (optionally distilled from baseline)."""
@@ -70,22 +99,8 @@ class FinetuneStage(Stage):
     summary = "low-learning-rate recovery training with early stopping and an accuracy gate"
 
     def run(self, model, cfg, ctx):
-        split = ctx.model_cfg.Train
-        if split is None:
-            raise InputError(f"{ctx.model_cfg.source_file}: Train: section missing; the finetune stage needs "
-                             f"data_dir, label_file and transforms of a training split")
-        task = ctx.task
-        train_cfg = self._resolve(cfg, task.task)
-        loader = make_train_loader(task, split, cfg.batch_size, seed=ctx.global_cfg.seed,
-                                   num_workers=cfg.num_workers)
-        distill = None
-        if cfg.distill.enabled:
-            distill = TeacherDistillation(load_teacher(ctx), task.task, cfg.distill.kind, cfg.distill.weight)
-        evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"finetune eval {ctx.model_name}")
+        trainer = build_task_trainer(model, cfg, ctx, lambda: load_teacher(ctx), ctx.work_dir or None)
         input_weights = copy_weights(model)
-        trainer = Trainer(model, build_task_loss(task.task, cfg.loss), loader, train_cfg, evaluator,
-                          ctx.work_dir or None, distill, seed=ctx.global_cfg.seed)
-        trainer.show_progress = ctx.global_cfg.show_progress
         try:
             result = trainer.fit()
         except BaseException:
@@ -109,12 +124,6 @@ class FinetuneStage(Stage):
         return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
                 f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); eval every "
                 f"{cfg.eval_every or per_epoch} steps on {cfg.eval_limit or 'all'} eval samples; gate: {gate}")
-
-    @staticmethod
-    def _resolve(cfg, task):
-        if cfg.optimizer.weight_decay is None:
-            cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task)))
-        return cfg
 
     @staticmethod
     def _stage_result(model, cfg, ctx, result, input_weights):

@@ -105,6 +105,23 @@ class TrainConfig:
             raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
+@dataclass(frozen=True)
+class TaskTrainConfig(TrainConfig):
+    """The :class:`TrainConfig` keys plus the data and loss of a training run on the model
+    config's ``Train`` split (shared by ``Finetune`` and ``Quant.qat``)."""
+
+    batch_size: Optional[int] = None  # per process; null: the Train split's batch_size
+    num_workers: int = 0  # DataLoader worker processes
+    loss: Dict[str, Any] = field(default_factory=dict)  # ppocr loss keys; default DBLoss (det) / CTCLoss (rec)
+
+    def validate(self, where):
+        super().validate(where)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
+
+
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns; the model passed to the trainer holds the best weights afterwards.
@@ -356,7 +373,7 @@ class Trainer:
         state = self.state
         if state["step"] == 0 and not state["history"] and self.evaluator and self.config.eval_at_start:
             self._evaluate()
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc="finetune", leave=False,
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.section.lower(), leave=False,
                    disable=not (self.show_progress and _is_main_process()))
         try:
             while state["step"] < self.total_steps and not state["stopped_early"]:
@@ -405,7 +422,7 @@ class Trainer:
             loss = loss + self.distill(predicts, images)
         value = self._mean_over_ranks(loss)
         if not math.isfinite(value):
-            raise TrainingError(f"finetune step {state['step'] + 1}: the loss is {value} (lr "
+            raise TrainingError(f"{self.section} step {state['step'] + 1}: the loss is {value} (lr "
                                 f"{self.optimizer.get_lr():.2e}); lower {self.section}.lr or set "
                                 f"{self.section}.optimizer.clip_norm; the stage's checkpoint was not written")
         loss.backward()
@@ -512,13 +529,13 @@ class Trainer:
         for name, digest in pointer["files"].items():
             path = os.path.join(folder, name)
             if not os.path.isfile(path) or sha256_file(path) != digest:
-                raise CheckpointError(f"fine-tune progress {path} is missing or corrupt; delete {self.work_dir} "
-                                      f"to start the fine-tune over")
+                raise CheckpointError(f"{self.section} progress {path} is missing or corrupt; delete {self.work_dir} "
+                                      f"to start the training over")
         with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
             saved = json.load(f)
         if saved.pop("parameters") != self._parameter_signature() or saved.pop("total_steps") != self.total_steps:
-            raise CheckpointError(f"fine-tune progress in {self.work_dir} belongs to another model or schedule; "
-                                  f"delete that folder to start the fine-tune over")
+            raise CheckpointError(f"{self.section} progress in {self.work_dir} belongs to another model or schedule; "
+                                  f"delete that folder to start the training over")
         with warnings.catch_warnings():  # LinearWarmup's nested state always triggers Paddle's "unused values"
             warnings.filterwarnings("ignore", message="There are some unused values in state_dict")
             self.scheduler.set_state_dict(saved.pop("scheduler"))
@@ -527,7 +544,7 @@ class Trainer:
         best_path = os.path.join(folder, "best.pdparams")
         self.best_weights = paddle.load(best_path, return_numpy=True) if os.path.isfile(best_path) else None
         self.state.update(saved)
-        logger.info("fine-tune resumed at step %d/%d from %s", self.state["step"], self.total_steps, folder)
+        logger.info("%s resumed at step %d/%d from %s", self.section, self.state["step"], self.total_steps, folder)
         return self.state["step"]
 
     def _parameter_signature(self):

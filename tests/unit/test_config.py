@@ -135,3 +135,14 @@ def test_planned_but_unbuilt_stage_is_rejected_not_skipped(tmp_path, monkeypatch
     cfg = load(write(tmp_path, BASE.replace("[baseline]", "[baseline, nas]")))
     with pytest.raises(ConfigError, match="stage 'nas' is not available yet \\(architecture search\\); remove it"):
         check_pipeline(cfg)
+
+
+def test_float_keys_accept_yaml11_exponents_without_a_dot():
+    from compress.config import parse_section
+    from compress.stages.quant import QuantConfig
+
+    # yaml.safe_load("5e-5") is the string '5e-5' (YAML 1.1 wants 5.0e-5); -o Quant.qat.lr=5e-5 must still work
+    _, value = parse_override("Quant.qat.lr=5e-5")
+    assert parse_section(QuantConfig, {"qat": {"lr": value}}, "Quant").qat.lr == 5e-5
+    with pytest.raises(ConfigError, match=r"Quant\.qat\.lr: expected a number, got '5e-5x'"):
+        parse_section(QuantConfig, {"qat": {"lr": "5e-5x"}}, "Quant")

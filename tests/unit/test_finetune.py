@@ -316,8 +316,8 @@ def test_stage_gate_failure_can_continue_from_the_input_model(demo_dir, tmp_path
 
 def test_stage_nan_loss_leaves_head_on_previous_stage(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune.stage, "build_task_loss",
-                        lambda task, overrides=None: FailingLoss(build_task_loss(task, overrides), at=1,
-                                                                 value=float("nan")))
+                        lambda task, overrides=None, where="Finetune.loss": FailingLoss(
+                            build_task_loss(task, overrides, where), at=1, value=float("nan")))
     runner, _ = run_pipeline(tmp_path, demo_dir, max_drop=1.0)
     with pytest.raises(TrainingError, match="step 1"):
         runner.run()
