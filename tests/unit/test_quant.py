@@ -184,3 +184,55 @@ def test_onnx_runtime_int8_close_to_float(tiny_model_dir, tmp_path, recipe):
     assert np.abs(int8_out - reference).mean() / np.abs(reference).mean() < 0.05
     assert result.recipe == recipe
     assert (result.quantized_nodes > 0) == (recipe == "dense")
+
+
+class _FlakyPool:
+    """Stands in for a spawn Pool whose PTQ raises the given errors first, then returns "done"."""
+
+    def __init__(self, errors, calls):
+        self.errors, self.calls = errors, calls
+
+    def apply(self, func, args, kwargs):
+        self.calls.append(func.__name__)
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+    def close(self):
+        pass
+
+    def join(self):
+        pass
+
+
+def _flaky_context(monkeypatch, errors):
+    import multiprocessing
+
+    calls = []
+
+    class _Context:
+        def Pool(self, processes):  # noqa: N802 (multiprocessing's spelling)
+            return _FlakyPool(errors, calls)
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: _Context())
+    return calls
+
+
+CYCLE = ValueError("(InvalidArgument) Generated graph shouldn't contain cycle.")
+
+
+def test_isolated_ptq_retries_the_random_graph_cycle_error(monkeypatch):
+    calls = _flaky_context(monkeypatch, [CYCLE, CYCLE])
+    assert ptq.quantize_post_static("model", "out", _batches(1)) == "done"
+    assert calls == ["_quantize"] * 3
+
+
+def test_isolated_ptq_gives_up_after_the_last_attempt_and_never_retries_other_errors(monkeypatch):
+    calls = _flaky_context(monkeypatch, [CYCLE] * ptq.CYCLE_ATTEMPTS)
+    with pytest.raises(ValueError, match="cycle"):
+        ptq.quantize_post_static("model", "out", _batches(1))
+    assert len(calls) == ptq.CYCLE_ATTEMPTS
+    calls = _flaky_context(monkeypatch, [ValueError("bad shape"), CYCLE])
+    with pytest.raises(ValueError, match="bad shape"):
+        ptq.quantize_post_static("model", "out", _batches(1))
+    assert len(calls) == 1
