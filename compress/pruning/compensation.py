@@ -81,7 +81,7 @@ def measure_activation_stats(model, batches):
     def recorder(name):
         def hook(layer, inputs):
             x = inputs[0].astype("float64")
-            if len(x.shape) == 4 and isinstance(layer, paddle.nn.Conv2D):
+            if isinstance(layer, paddle.nn.Conv2D):
                 axes, count = [0, 2, 3], x.shape[0] * x.shape[2] * x.shape[3]
             else:
                 x = x.reshape([-1, x.shape[-1]])

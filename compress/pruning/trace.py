@@ -268,7 +268,7 @@ def _weighted_ops(graph, names):
     return macs, conv_ops
 
 
-def _group_or_reason(graph, names, conv_ops, weight, channels, leaves):
+def _group_or_reason(graph, names, conv_ops, weight, channels, leaves, bn_after):
     op = conv_ops[weight]
     if (op.attr("groups") or 1) > 1:
         return None, "depth-wise/grouped conv: follows its input channels, never a master"
@@ -283,16 +283,17 @@ def _group_or_reason(graph, names, conv_ops, weight, channels, leaves):
     if problem:
         return None, problem
     return PruneGroup(master=weight, channels=channels, members=members,
-                      bn_scale=_bn_scale_after(graph, op, names)), None
+                      bn_scale=bn_after.get(weight)), None
 
 
 def _build_trace(graph, names):
     shapes, layer_of, trainable = _used_tensors(graph, names)
     macs, conv_ops = _weighted_ops(graph, names)
     leaves = graph.leaves()
+    bn_after = {weight: bn for weight, op in conv_ops.items() if (bn := _bn_scale_after(graph, op, names)) is not None}
     groups, skipped = {}, {}
     for weight in conv_ops:
-        group, reason = _group_or_reason(graph, names, conv_ops, weight, shapes[weight][0], leaves)
+        group, reason = _group_or_reason(graph, names, conv_ops, weight, shapes[weight][0], leaves, bn_after)
         if group is None:
             skipped[weight] = reason
         else:
@@ -300,9 +301,7 @@ def _build_trace(graph, names):
     return PruningTrace(groups=groups, skipped=skipped, conv_order=list(conv_ops), shapes=shapes,
                         macs_per_weight=macs, layer_of=layer_of, trainable=trainable,
                         conv_groups={weight: int(op.attr("groups") or 1) for weight, op in conv_ops.items()},
-                        input_shapes=[], seconds=0.0,
-                        bn_after={weight: bn for weight, op in conv_ops.items()
-                                  if (bn := _bn_scale_after(graph, op, names)) is not None})
+                        input_shapes=[], seconds=0.0, bn_after=bn_after)
 
 
 def _reason(error):
