@@ -442,14 +442,21 @@ def _prepare(float_onnx, prepared, full):
     return onnx.load(prepared)
 
 
-def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calibrate_method, percentile, scratch):
-    """One recipe (``dense`` or ``full``); returns the number of selected nodes (0: all)."""
+def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calibrate_method, percentile, exclude,
+                     scratch):
+    """One recipe (``dense`` or ``full``), ``exclude`` nodes kept float; returns the number of selected nodes
+    (0: all)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     prepared = os.path.join(scratch, f"prepared_{recipe}.onnx")
     model = _prepare(float_onnx, prepared, full=recipe == "full")
     selected = dense_conv_and_matmul_nodes(model) if recipe == "dense" else None
+    if selected is not None:
+        selected = [name for name in selected if name not in exclude]
+        if not selected:  # an empty list would mean "every node" to quantize_static
+            raise InputError(f"{float_onnx!r}: no dense conv or MatMul left to quantise after excluding "
+                             f"{len(exclude)} nodes")
     extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
     if calibrate_method == "Percentile":
         extra["CalibPercentile"] = percentile
@@ -457,7 +464,7 @@ def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calib
                     quant_format=QuantFormat.QDQ if recipe == "dense" else QuantFormat.QOperator,
                     per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, calibrate_method),
-                    nodes_to_quantize=selected, extra_options=extra)
+                    nodes_to_quantize=selected, nodes_to_exclude=list(exclude), extra_options=extra)
     if recipe == "full":
         quantized = onnx.load(int8_onnx)
         lookups = hard_sigmoid_to_lookup(quantized)
@@ -506,7 +513,7 @@ def output_error(float_onnx, int8_onnx, batches):
 
 
 def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduce_range=None,
-                  calibrate_method="Percentile", percentile=99.999, batch_nums=None):
+                  calibrate_method="Percentile", percentile=99.999, batch_nums=None, exclude=()):
     """Quantise a float ONNX model with ONNX Runtime (U8 activations, per-channel symmetric S8 weights).
 
     Args:
@@ -519,6 +526,7 @@ def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduc
             batches of different image sizes are resized to one, see :func:`resize_to_common_shape`).
         percentile: range kept by ``Percentile``.
         batch_nums: use at most this many batches.
+        exclude: names of nodes to keep float (e.g. from :func:`dense_conv_and_matmul_nodes`).
 
     Returns:
         OnnxInt8Result.
@@ -532,7 +540,7 @@ def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduc
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
     if calibrate_method in HISTOGRAM_METHODS:
         batches = resize_to_common_shape(batches)
-    args = (reduce_range, calibrate_method, percentile)
+    args = (reduce_range, calibrate_method, percentile, tuple(exclude))
     errors = {}
     with tempfile.TemporaryDirectory(prefix="onnx-int8-") as scratch:
         if recipe != "auto":

@@ -4,7 +4,7 @@ import compress  # noqa: F401  (imports zlib before onnxruntime)
 import numpy as np
 import pytest
 
-from compress.errors import ConfigError
+from compress.errors import ConfigError, InputError
 from compress.quant import onnx_int8
 
 
@@ -88,10 +88,12 @@ def _block_model(rng):
     initializers = {"w1": rng.normal(0, 0.5, (8, 4, 1, 1)), "b1": rng.normal(0, 0.1, 8), "scale": [1.3],
                     "shift": [0.4], "wd": rng.normal(0, 0.5, (8, 1, 3, 3)), "bd": rng.normal(0, 0.1, 8),
                     "w2": rng.normal(0, 0.5, (4, 8, 1, 1)), "b2": rng.normal(0, 0.1, 4)}
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]), helper.make_node("HardSwish", ["c1"], ["h"]),
-             helper.make_node("Mul", ["h", "scale"], ["m"]), helper.make_node("Add", ["m", "shift"], ["a"]),
-             helper.make_node("Conv", ["a", "wd", "bd"], ["d"], group=8, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["d", "w2", "b2"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("HardSwish", ["c1"], ["h"], name="hard_swish"),
+             helper.make_node("Mul", ["h", "scale"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "shift"], ["a"], name="shift"),
+             helper.make_node("Conv", ["a", "wd", "bd"], ["d"], group=8, pads=[1, 1, 1, 1], name="depthwise"),
+             helper.make_node("Conv", ["d", "w2", "b2"], ["y"], name="conv2")]
     return _model(nodes, initializers)
 
 
@@ -162,6 +164,22 @@ def test_auto_recipe_reports_both_errors_and_keeps_one(block_onnx, tmp_path):
     keep_full = result.calibration_error["full"] <= (onnx_int8.FULL_RECIPE_ERROR_TOLERANCE
                                                      * result.calibration_error["dense"])
     assert result.recipe == ("full" if keep_full else "dense")
+
+
+def test_excluded_nodes_stay_float(block_onnx, tmp_path):
+    import onnx
+
+    dense = onnx_int8.dense_conv_and_matmul_nodes(onnx_int8.constants_to_initializers(onnx.load(block_onnx)))
+    assert len(dense) == 2  # the two 1x1 convs; the depthwise conv is never selected
+    result = onnx_int8.quantize_onnx(block_onnx, str(tmp_path / "int8.onnx"), _calibration(), exclude=dense[:1])
+    assert result.quantized_nodes == 1
+    model = onnx.load(result.int8_onnx)
+    weights = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    convs = {node.name: node for node in model.graph.node if node.op_type == "Conv"}
+    assert convs[dense[0]].input[1] not in weights  # float weight straight from the initializer
+    assert convs[dense[1]].input[1] in weights  # int8 weight through DequantizeLinear
+    with pytest.raises(InputError, match="no dense conv"):
+        onnx_int8.quantize_onnx(block_onnx, str(tmp_path / "none.onnx"), _calibration(), exclude=dense)
 
 
 def test_unknown_recipe_is_a_config_error(block_onnx, tmp_path):
