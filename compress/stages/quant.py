@@ -265,12 +265,18 @@ class QuantStage(Stage):
         return result
 
     def _qat_onnx(self, folded_dir, qdq_dir, ctx, evaluate):
-        from compress.quant.onnx_int8 import export_onnx
+        """paddle2onnx of the QDQ model, its weights stored as int8 (7-bit on CPUs without VNNI, see
+        :func:`compress.quant.qat.store_int8_weights`)."""
+        from compress.quant.onnx_int8 import cpu_has_vnni, export_onnx
+        from compress.quant.qat import store_int8_weights
         main = ctx.task.main_metric
         out_dir = os.path.join(ctx.out_dir, ONNX_INT8_DIR)
         float_onnx = export_onnx(folded_dir, os.path.join(out_dir, "model_fp32.onnx"))
         int8_onnx = export_onnx(qdq_dir, os.path.join(out_dir, "model_int8.onnx"))
+        weight_bits = 8 if cpu_has_vnni() else 7
+        stored = store_int8_weights(int8_onnx, weight_bits)
         return {"float_metric": evaluate(float_onnx, "onnxruntime", "fp32")[main],
+                "weight_bits": weight_bits, "int8_weights": stored,
                 "int8_metric": evaluate(int8_onnx, "onnxruntime", "int8")[main],
                 "float_bytes": os.path.getsize(float_onnx), "int8_bytes": os.path.getsize(int8_onnx),
                 "dir": ONNX_INT8_DIR, "files": {"fp32": os.path.basename(float_onnx),

@@ -242,3 +242,55 @@ def test_qat_resumes_after_a_kill_and_matches_the_uninterrupted_run(demo_dir, tm
     assert any("_fake_quant_input._scale" in name for name in state)  # observer scales are part of the progress
     for name, value in state.items():
         np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _onnx_run(path, x, optimize):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = (onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
+                                        onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_store_int8_weights_shrinks_the_qat_onnx_and_keeps_its_function(tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from compress.quant.qat import store_int8_weights
+
+    qat = prepare_qat(_conv_net(), _example(), layer_types=("Conv2D",))
+    calibrate_observers(qat.model, [_example(seed=seed) for seed in range(4)])
+    fake_quant = qat.model(paddle.to_tensor(_example(seed=7))).numpy()
+    export_qat_model(qat, str(tmp_path / "qdq"), [paddle.static.InputSpec([None, 3, None, None], "float32", "x")])
+    original = export_onnx(str(tmp_path / "qdq"), str(tmp_path / "qdq.onnx"))
+    x = _example(seed=7)
+    for bits in (8, 7):
+        path = str(tmp_path / f"w{bits}.onnx")
+        shutil.copyfile(original, path)
+        assert store_int8_weights(path, bits) == 2  # both Conv2D weights
+        model = onnx.load(path)
+        assert not [node for node in model.graph.node if node.op_type == "QuantizeLinear"
+                    and node.input[0] in {init.name for init in model.graph.initializer}]
+        int8 = [numpy_helper.to_array(init) for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8
+                and numpy_helper.to_array(init).ndim == 4]
+        assert len(int8) == 2 and max(np.abs(w).max() for w in int8) == (127 if bits == 8 else 63)
+        stored = _onnx_run(path, x, optimize=False)
+        if bits == 8:  # the same quantize/dequantize arithmetic, computed once at export instead of at load
+            np.testing.assert_allclose(stored, _onnx_run(original, x, optimize=False), atol=1e-5)
+        assert np.abs(stored - fake_quant).mean() < 0.02 * np.abs(fake_quant).mean()
+        assert np.isfinite(_onnx_run(path, x, optimize=True)).all()
+    def weight_bytes(onnx_path):
+        from compress.quant.onnx_int8 import constants_to_initializers
+
+        model = constants_to_initializers(onnx.load(onnx_path))
+        return sum(numpy_helper.to_array(init).nbytes for init in model.graph.initializer
+                   if numpy_helper.to_array(init).ndim == 4)
+
+    assert weight_bytes(str(tmp_path / "w8.onnx")) < 0.5 * weight_bytes(original)  # conv weights int8, not float32
+    with pytest.raises(ValueError, match="weight_bits"):
+        store_int8_weights(path, 4)
