@@ -8,23 +8,52 @@ Recipe measured on PP-OCRv4 (see ``benchmarks/bench_int8.py``):
    ``Percentile`` (99.999) activation ranges: MinMax ranges let a few outliers stretch the scales (PP-OCRv4 rec on
    the demo Eval split: acc 0.877 with MinMax, 0.913 = float with Percentile). Two recipes:
 
-   * ``dense`` (QDQ): dense convs (group 1, more than 3 input channels) and MatMuls with weights only, everything
-     else float. Safe for every model; little faster on AVX2 because every quantised conv is wrapped in
-     quantize / dequantize ops and its activation runs in float. ONNX Runtime's pre-optimisation is skipped: it
-     inlines HardSwish into HardSigmoid + Mul, two float ops (and a duplicated dequantize) per activation;
+   * ``dense`` (QDQ): MatMuls with weights and the dense convs (group 1, more than 3 input channels) that do at
+     least :data:`MIN_MACS_PER_ELEMENT` multiply-adds per activation element, everything else float. Safe for every
+     model. On AVX2 each INT8 conv pays for a quantize, a dequantize, NHWC transposes and a float HardSwish that a
+     float conv would have fused (ONNX Runtime's CPU provider has no HardSwish kernel: it inlines HardSigmoid + Mul
+     unless the op is fused into a float conv), so light convs (PP-OCRv4 det's first 1x1 convs at 320x320, the FPN
+     1x1 convs) run faster float. BatchNormalization is folded into the conv before it (:func:`fold_batch_norms`),
+     and (both recipes) the weights of the convs left float are stored as float16
+     (:func:`store_float_weights_as_fp16`).
+     ONNX Runtime's pre-optimisation is skipped: it inlines HardSwish before quantisation (a duplicated dequantize
+     per activation);
    * ``full`` (QOperator): every op ONNX Runtime can quantise, so activations stay uint8 from conv to conv.
      BatchNormalization is folded into the Conv / ConvTranspose before it (:func:`fold_batch_norms`) and two
      rewrites remove what is left in float between convs: HardSigmoid (and HardSwish, decomposed into
      ``x * HardSigmoid(x)``) becomes a uint8 lookup table (:func:`hard_sigmoid_to_lookup`), and elementwise
      multiplies / adds by a scalar constant (PP-LCNetV3's affine blocks before padded depthwise convs) are folded
      into the quantisation parameters of the tensor before them (:func:`fold_scalar_requantize`). Faster (PP-OCRv4
-     det 1.2x vs 1.1x for dense), but uint8 depthwise convs and elementwise ops cost accuracy: det hmean -2.1 points
-     (dense -1.0), rec collapses;
+     det 1.2x vs 1.1x for dense), but uint8 depthwise convs and elementwise ops cost accuracy: det hmean -1.9 to
+     -2.1 points (dense -0.5), rec collapses;
    * ``auto`` builds both and keeps ``full`` when its output error on the calibration batches is at most
      ``FULL_RECIPE_ERROR_TOLERANCE`` times the ``dense`` one (twice the quantisation time; on PP-OCRv4 it keeps
      ``dense`` for both models, hence ``dense`` is the default);
 4. on CPUs without VNNI, ``reduce_range=True`` (7-bit weights): the AVX2 u8*s8 kernels saturate 16-bit pair
    sums otherwise (PP-OCRv4 rec strings agreeing with float: 66% without, 94-97% with).
+
+Measured (AMD EPYC 2 vCPU, AVX2 only, ONNX Runtime 1.31.1, batch 1, 1 thread, p50 of interleaved runs on a machine
+shared with other jobs; ``python benchmarks/bench_int8.py --batches 1 --threads 1 --repeats 21 --rebuild``), speedup
+vs the affine-folded float ONNX model; accuracy on the demo Eval split (float: rec acc 0.913, det hmean 0.975);
+INT8 / float file size:
+
+  =====  =======================================  ==========================================  ===============
+  model  dense, every dense conv (before)          dense (now)                                 full
+  =====  =======================================  ==========================================  ===============
+  rec    1.28-1.31x, acc 0.910, size 0.292         1.33-1.34x, acc 0.917, size 0.277           1.27-1.32x, 0.007
+  det    1.04-1.07x, hmean 0.969, size 0.325       1.11-1.13x, hmean 0.971, size 0.299         1.18-1.21x, 0.956
+  =====  =======================================  ==========================================  ===============
+
+1.5x is out of reach with these kernels: the float ops both models share (depthwise convs, adds, layout reorders,
+resizes, ConvTranspose: ~30 of det's ~85 ms) stay, so even INT8 dense convs at 2x with no overhead at all would
+leave det near 1.5x. Tried, did not help: INT8 depthwise convs (slower than the float ones, which fuse HardSwish;
+rec profile 17.1 -> 18.2 ms); HardSwish as a uint8 lookup + QLinearMul after the dense convs only (rec acc 0.857);
+DB head ConvTranspose as 1x1 conv + DepthToSpace (exact, but DepthToSpace costs more: float 0.96x, INT8 1.07x ->
+0.96x); 1x1 convs as MatMul (outputs quantised anyway, float transposes: rec 1.31x -> 1.19x); folding the scalar
+affine after HardSwish into the next quantize's scale / zero point (ONNX Runtime then left 9 of 14 INT8 depthwise
+convs unfused, likely because the nudged input scale no longer matches the int32 bias scale); int8 weight-only
+(``DequantizeLinear``) storage of float convs (not constant-folded: the conv runs unfused); INT8
+squeeze-and-excitation convs kept whatever their size (no measurable time or size difference).
 """
 import compress  # noqa: F401  (imports zlib before paddle/onnxruntime, see compress/__init__.py)
 
@@ -103,22 +132,42 @@ def constants_to_initializers(model):
     return model
 
 
-def dense_conv_and_matmul_nodes(model):
-    """Names of the nodes worth running in INT8: group-1 convs with more than 3 input channels, MatMuls."""
+# A conv runs in INT8 only when it does at least this many multiply-adds per activation element it reads or writes:
+# on AVX2 an INT8 conv costs a quantize before it, a dequantize after it, layout transposes, and its HardSwish as two
+# float ops instead of one fused into the float conv, all proportional to its activations, while what it saves is
+# proportional to its multiply-adds (the dequantize and HardSwish after PP-OCRv4 det's 16 -> 32 1x1 conv at 320x320
+# alone took ~7 ms). Threshold sweep, speedup vs the float model, batch 1, 1 thread, one interleaved run each on a
+# loaded machine: det every dense conv 1.04-1.07x, 25: 1.14x, 40: 1.16x, 50: 1.15-1.17x, 80: 1.15x, 100: 1.14x;
+# rec 1.28-1.31x, 25: 1.31x, 40: 1.33x, 50: 1.31-1.34x, 70: 1.31x, 100: 1.29x.
+MIN_MACS_PER_ELEMENT = 40
+
+
+def dense_conv_and_matmul_nodes(model, min_macs_per_element=MIN_MACS_PER_ELEMENT):
+    """Names of the nodes worth running in INT8: MatMuls with a weight, and group-1 convs with more than 3 input
+    channels doing at least ``min_macs_per_element`` multiply-adds per input plus output element (see
+    :data:`MIN_MACS_PER_ELEMENT`). When no conv reaches that (a small model), every such conv is selected: the
+    caller asked for an INT8 model."""
     from onnx import numpy_helper
 
     weights = {init.name: init for init in model.graph.initializer}
-    selected = []
+    matmuls, heavy, light = [], [], []
     for node in model.graph.node:
         if node.op_type == "MatMul" and any(name in weights for name in node.input):
-            selected.append(node.name)
+            matmuls.append(node.name)
         if node.op_type != "Conv" or node.input[1] not in weights:
             continue
         group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-        in_channels = numpy_helper.to_array(weights[node.input[1]]).shape[1]
-        if group == 1 and in_channels > 3:
-            selected.append(node.name)
-    return selected
+        out_channels, in_channels, *kernel = numpy_helper.to_array(weights[node.input[1]]).shape
+        if group != 1 or in_channels <= 3:
+            continue
+        stride = int(np.prod(_attribute(node, "strides", [1] * len(kernel))))
+        macs_per_element = in_channels * out_channels * int(np.prod(kernel)) / (in_channels * stride + out_channels)
+        (heavy if macs_per_element >= min_macs_per_element else light).append(node.name)
+    if heavy and light:
+        logger.info("ONNX INT8: %d light convs kept float (< %s multiply-adds per element)", len(light),
+                    min_macs_per_element)
+    selected = set(matmuls + (heavy or light))
+    return [node.name for node in model.graph.node if node.name in selected]
 
 
 def cpu_has_vnni():
@@ -238,6 +287,40 @@ def decompose_hard_swish(model):
     del graph.node[:]
     graph.node.extend(nodes)
     return rewritten
+
+
+def store_float_weights_as_fp16(model):
+    """Store the weights and biases of the convs left float as float16 initializers behind a ``Cast``, in place.
+
+    Halves what the depthwise, first and light convs add to an INT8 file. ONNX Runtime folds the ``Cast`` at session
+    creation (constant folding), so the float convs run exactly as before on float32 weights rounded to float16
+    (relative error 2^-11); a ``DequantizeLinear`` (int8 weight-only) would not be folded and would turn those convs
+    into slow unfused ones. Returns the number of initializers converted.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph, converted = model.graph, 0
+    index = _GraphIndex(graph)
+    graph_inputs = {value.name for value in graph.input}
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        for name in node.input[1:3]:
+            init = index.initializers.get(name)
+            if init is None or init.data_type != onnx.TensorProto.FLOAT or name in graph_inputs \
+                    or len(index.consumers[name]) != 1:
+                continue
+            value = numpy_helper.to_array(init)
+            if np.abs(value).max(initial=0) > np.finfo(np.float16).max:
+                continue
+            half = f"{name}_fp16"
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float16), half))
+            graph.node.insert(list(graph.node).index(node),
+                              helper.make_node("Cast", [half], [name], name=f"{half}_cast", to=onnx.TensorProto.FLOAT))
+            graph.initializer.remove(init)
+            converted += 1
+    return converted
 
 
 # ------------------------------------------------------------------------------------------------ QOperator rewrites
@@ -425,14 +508,15 @@ class _Reader:
 
 
 def _prepare(float_onnx, prepared, full):
-    """Float model ready for the quantiser: weights as initializers, shapes inferred; for the full recipe also BN
-    folded into the convs and HardSwish decomposed (both would otherwise stay float ops between uint8 tensors)."""
+    """Float model ready for the quantiser: weights as initializers, BN folded into the convs (ONNX Runtime does
+    that itself for float convs only, so a BN after an INT8 conv would stay a float op), shapes inferred; for the
+    full recipe also HardSwish decomposed (it would otherwise stay a float op between uint8 tensors)."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = constants_to_initializers(onnx.load(float_onnx))
+    fold_batch_norms(model)
     if full:
-        fold_batch_norms(model)
         decompose_hard_swish(model)
     staged = prepared + ".staged.onnx"
     onnx.save(model, staged)
@@ -443,7 +527,7 @@ def _prepare(float_onnx, prepared, full):
 
 
 def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calibrate_method, percentile, exclude,
-                     scratch):
+                     min_macs_per_element, scratch):
     """One recipe (``dense`` or ``full``), ``exclude`` nodes kept float; returns the number of selected nodes
     (0: all)."""
     import onnx
@@ -451,7 +535,7 @@ def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calib
 
     prepared = os.path.join(scratch, f"prepared_{recipe}.onnx")
     model = _prepare(float_onnx, prepared, full=recipe == "full")
-    selected = dense_conv_and_matmul_nodes(model) if recipe == "dense" else None
+    selected = dense_conv_and_matmul_nodes(model, min_macs_per_element) if recipe == "dense" else None
     if selected is not None:
         selected = [name for name in selected if name not in exclude]
         if not selected:  # an empty list would mean "every node" to quantize_static
@@ -465,12 +549,14 @@ def _quantize_recipe(float_onnx, int8_onnx, batches, recipe, reduce_range, calib
                     per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, calibrate_method),
                     nodes_to_quantize=selected, nodes_to_exclude=list(exclude), extra_options=extra)
+    quantized = onnx.load(int8_onnx)
     if recipe == "full":
-        quantized = onnx.load(int8_onnx)
         lookups = hard_sigmoid_to_lookup(quantized)
         folded = fold_scalar_requantize(quantized)
-        onnx.save(quantized, int8_onnx)
         logger.info("full INT8 recipe: %d HardSigmoid lookups, %d scalar requantisations folded", lookups, folded)
+    store_float_weights_as_fp16(quantized)
+    del quantized.graph.value_info[:]  # shapes from the pre-processing: ONNX Runtime infers them again
+    onnx.save(quantized, int8_onnx)
     return len(selected) if selected is not None else 0
 
 
@@ -513,7 +599,8 @@ def output_error(float_onnx, int8_onnx, batches):
 
 
 def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduce_range=None,
-                  calibrate_method="Percentile", percentile=99.999, batch_nums=None, exclude=()):
+                  calibrate_method="Percentile", percentile=99.999, batch_nums=None, exclude=(),
+                  min_macs_per_element=MIN_MACS_PER_ELEMENT):
     """Quantise a float ONNX model with ONNX Runtime (U8 activations, per-channel symmetric S8 weights).
 
     Args:
@@ -527,6 +614,8 @@ def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduc
         percentile: range kept by ``Percentile``.
         batch_nums: use at most this many batches.
         exclude: names of nodes to keep float (e.g. from :func:`dense_conv_and_matmul_nodes`).
+        min_macs_per_element: ``dense`` recipe: convs doing fewer multiply-adds per activation element stay float
+            (:data:`MIN_MACS_PER_ELEMENT`, measured on AVX2; 0 selects every dense conv).
 
     Returns:
         OnnxInt8Result.
@@ -540,7 +629,7 @@ def quantize_onnx(float_onnx, int8_onnx, calib_batches, *, recipe="dense", reduc
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
     if calibrate_method in HISTOGRAM_METHODS:
         batches = resize_to_common_shape(batches)
-    args = (reduce_range, calibrate_method, percentile, tuple(exclude))
+    args = (reduce_range, calibrate_method, percentile, tuple(exclude), min_macs_per_element)
     errors = {}
     with tempfile.TemporaryDirectory(prefix="onnx-int8-") as scratch:
         if recipe != "auto":

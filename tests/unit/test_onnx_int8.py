@@ -194,3 +194,68 @@ def test_resize_to_common_shape_uses_the_most_common_size():
     assert [batch["x"].shape for batch in resized] == [(1, 3, 32, 64)] * 3
     assert resized[2]["x"][0, 0, 0, 0] == 0 and resized[2]["x"][0, 0, 1, 1] == batches[2]["x"][0, 0, 2, 1]
     assert onnx_int8.resize_to_common_shape(batches[:2]) is not None
+
+
+def _conv_chain(rng, specs, channels=4):
+    """x -> conv -> conv ..., each spec (name, out_channels, kernel, stride); padded so sizes stay simple."""
+    from onnx import helper
+
+    nodes, initializers, source, in_channels = [], {}, "x", channels
+    for position, (name, out_channels, kernel, stride) in enumerate(specs):
+        output = "y" if position == len(specs) - 1 else f"{name}_out"
+        initializers[f"{name}_w"] = rng.normal(0, 0.3, (out_channels, in_channels, kernel, kernel))
+        nodes.append(helper.make_node("Conv", [source, f"{name}_w"], [output], name=name, strides=[stride, stride],
+                                      pads=[kernel // 2] * 4))
+        source, in_channels = output, out_channels
+    return _model(nodes, initializers, channels=channels)
+
+
+def test_dense_selection_keeps_light_convs_float():
+    rng = np.random.default_rng(3)
+    # multiply-adds per input + output element: 4*64/68 = 3.8, 64*64/128 = 32, 64*64*9/(64*4 + 64) = 115
+    model = _conv_chain(rng, [("widen", 64, 1, 1), ("pointwise", 64, 1, 1), ("strided3x3", 64, 3, 2)])
+    assert onnx_int8.dense_conv_and_matmul_nodes(model) == ["strided3x3"]
+    assert onnx_int8.dense_conv_and_matmul_nodes(model, min_macs_per_element=30) == ["pointwise", "strided3x3"]
+    assert onnx_int8.dense_conv_and_matmul_nodes(model, min_macs_per_element=0) == ["widen", "pointwise",
+                                                                                     "strided3x3"]
+    light_only = _conv_chain(rng, [("widen", 8, 1, 1), ("narrow", 4, 1, 1)])
+    assert onnx_int8.dense_conv_and_matmul_nodes(light_only) == ["widen", "narrow"]  # nothing heavy: all of them
+
+
+def test_float_weights_stored_as_fp16_are_folded_at_session_creation(tmp_path):
+    import onnx
+    import onnxruntime
+    from onnx import helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c", "wt", "bt"], ["y"], strides=[2, 2])]
+    model = _model(nodes, {"w": rng.normal(size=(4, 1, 3, 3)), "b": rng.normal(size=4),
+                           "wt": rng.normal(size=(4, 2, 2, 2)), "bt": rng.normal(size=2)})
+    x = _x()
+    expected = _run(model, x)
+    assert onnx_int8.store_float_weights_as_fp16(model) == 4
+    assert {init.data_type for init in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert _relative_error(_run(model, x), expected) < 1e-3  # float16 rounding of the weights only
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "Cast" not in [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_dense_recipe_folds_batch_norm_into_the_int8_conv(tmp_path):
+    import onnx
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"), _bn("bn", "c", "n"),
+             helper.make_node("Relu", ["n"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    path = str(tmp_path / "float.onnx")
+    onnx.save(_model(nodes, {"w1": rng.normal(size=(8, 4, 1, 1)), "w2": rng.normal(size=(4, 8, 1, 1)),
+                             **_bn_params(rng, "bn", 8)}), path)
+    result = onnx_int8.quantize_onnx(path, str(tmp_path / "int8.onnx"), _calibration(), reduce_range=True)
+    int8 = onnx.load(result.int8_onnx)
+    assert "BatchNormalization" not in [node.op_type for node in int8.graph.node]
+    x = _x(seed=7)
+    assert _relative_error(_run(int8, x), _run(onnx.load(path), x)) < 0.05
