@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from compress.errors import ConfigError, InputError
+from compress.errors import CompressError, ConfigError, InputError
 from export.predictor import find_model_files
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,10 @@ def _check_args(algo, quantizable_op_type):
         raise ConfigError(f"quantizable_op_type {unknown} not supported; use some of {', '.join(WEIGHT_SLOTS)}")
 
 
+class GraphCycleError(CompressError, ValueError):
+    """Paddle 2.6's PTQ failed with its graph-cycle error on every attempt (a ValueError, as Paddle raises it)."""
+
+
 def quantize_post_static(float_model_dir, out_dir, calib_batches, *, isolated=True, **kwargs):
     """Quantise a float Paddle inference model with calibration data (static PTQ); see :func:`_quantize`.
 
@@ -181,8 +185,13 @@ def quantize_post_static(float_model_dir, out_dir, calib_batches, *, isolated=Tr
         try:
             return pool.apply(_quantize, (float_model_dir, out_dir, batches), kwargs)
         except ValueError as error:
-            if _CYCLE_ERROR not in str(error) or attempt == CYCLE_ATTEMPTS:
+            if _CYCLE_ERROR not in str(error):
                 raise
+            if attempt == CYCLE_ATTEMPTS:
+                raise GraphCycleError(
+                    f"Paddle PTQ of {float_model_dir!r} failed {CYCLE_ATTEMPTS} times with Paddle 2.6's random "
+                    f"\"{_CYCLE_ERROR}\"; run again to resume, or quantize this model with "
+                    f"Quant.backends: [onnxruntime] or Quant.method: qat") from error
             logger.warning("PTQ attempt %d/%d hit Paddle's graph-cycle error; retrying in a fresh process",
                            attempt, CYCLE_ATTEMPTS)
         finally:
@@ -393,8 +402,13 @@ def ptq_with_fallback(float_model_dir, out_dir, calib_batches, eval_fn, *, max_d
     history = [(0, metric)]
     skipped = []
     if float_metric - metric > max_drop and max_skipped > 0:
-        ranking = sensitivity or layer_quant_sensitivity(float_model_dir, batches, eval_fn, **ptq_kwargs)
-        for item in ranking[:max_skipped]:
+        try:
+            candidates = (sensitivity or layer_quant_sensitivity(float_model_dir, batches, eval_fn,
+                                                                 **ptq_kwargs))[:max_skipped]
+        except GraphCycleError as error:  # the ranking's own PTQ runs: keep the INT8 model already made
+            logger.warning("fallback: no sensitivity ranking, every layer stays INT8 (%s)", error)
+            candidates = []
+        for item in candidates:
             try:
                 quant = quantize_post_static(float_model_dir, out_dir, batches, skip_tensor_list=skipped + [item.layer],
                                              **ptq_kwargs)

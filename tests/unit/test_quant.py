@@ -229,10 +229,24 @@ def test_isolated_ptq_retries_the_random_graph_cycle_error(monkeypatch):
 
 def test_isolated_ptq_gives_up_after_the_last_attempt_and_never_retries_other_errors(monkeypatch):
     calls = _flaky_context(monkeypatch, [CYCLE] * ptq.CYCLE_ATTEMPTS)
-    with pytest.raises(ValueError, match="cycle"):
+    with pytest.raises(ptq.GraphCycleError, match=r"failed 4 times .* Quant\.backends: \[onnxruntime\]") as error:
         ptq.quantize_post_static("model", "out", _batches(1))
     assert len(calls) == ptq.CYCLE_ATTEMPTS
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)  # one line from tools/run.py, no traceback
     calls = _flaky_context(monkeypatch, [ValueError("bad shape"), CYCLE])
     with pytest.raises(ValueError, match="bad shape"):
         ptq.quantize_post_static("model", "out", _batches(1))
     assert len(calls) == 1
+
+
+def test_fallback_keeps_the_int8_model_when_the_ranking_hits_the_graph_cycle_error(monkeypatch):
+    monkeypatch.setattr(ptq, "quantize_post_static", lambda *args, **kwargs: "int8")
+
+    class _CyclingRanking:
+        def __getitem__(self, index):
+            raise ptq.GraphCycleError("Paddle PTQ failed 4 times")
+
+    result = ptq.ptq_with_fallback("model", "out", _batches(1), lambda model_dir: 0.5 if model_dir == "model" else 0.4,
+                                   max_drop=0.01, max_skipped=2, sensitivity=_CyclingRanking())
+    assert result.quant == "int8" and result.quant_metric == 0.4 and not result.met_budget
+    assert result.skipped_layers == () and result.history == [(0, 0.4)]
