@@ -323,6 +323,57 @@ def store_float_weights_as_fp16(model):
     return converted
 
 
+def store_int8_weights(onnx_path, weight_bits=8):
+    """Store a paddle2onnx QAT model's weights as int8, in place on disk; returns the number of weights stored.
+
+    paddle2onnx writes each quantised weight as a float constant followed by ``QuantizeLinear``, so the file is as
+    large as the float model (PP-OCRv4 rec: 10.96 MB vs 10.80 MB float). The quantize is computed here once and
+    its int8 result stored as the ``DequantizeLinear`` input, which ONNX Runtime would otherwise compute at load
+    time: the same model, a quarter of the size.
+
+    With ``weight_bits=7`` the integers are also re-rounded to [-63, 63] (scale x 127/63). ONNX Runtime's AVX2
+    u8 x s8 kernels (CPUs without VNNI) add pairs of products in 16 bits, which saturate with full 8-bit weights;
+    PTQ avoids it with ``reduce_range``. PP-OCRv4 rec after 40 QAT steps, demo Eval split: acc 0.723 with 8-bit
+    weights, 0.787 with 7-bit, 0.860 with the quantize/dequantize ops run in float.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
+    model = constants_to_initializers(onnx.load(onnx_path))
+    graph = model.graph
+    index = _GraphIndex(graph)
+    stored = []
+    for quantize in graph.node:
+        if quantize.op_type != "QuantizeLinear" or len(quantize.input) < 3 \
+                or not all(name in index.initializers for name in quantize.input[:3]):
+            continue
+        dequantize = index.only_consumer(quantize.output[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        weight, scale, zero_point = (index.value(name) for name in quantize.input[:3])
+        if weight.dtype != np.float32 or zero_point.dtype != np.int8 or np.any(zero_point != 0):
+            continue
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[_attribute(quantize, "axis", 1)] = -1
+        safe = np.where(scale == 0, 1, scale).reshape(shape)  # a zero scale: an all-zero (pruned) channel
+        integers = np.clip(np.round(weight / safe), -127, 127)
+        if weight_bits == 7:
+            integers, scale = np.round(integers * 63 / 127), (scale * 127 / 63).astype(np.float32)
+        name = f"{quantize.input[0]}_int8"
+        graph.initializer.extend([numpy_helper.from_array(integers.astype(np.int8), name),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+        dequantize.input[0], dequantize.input[1] = name, f"{name}_scale"
+        stored.append(quantize)
+    for quantize in stored:
+        graph.node.remove(quantize)
+    _drop_unused_initializers(graph)
+    onnx.save(model, onnx_path)
+    return len(stored)
+
+
 # ------------------------------------------------------------------------------------------------ QOperator rewrites
 
 # (scale, zero point) input positions of the output quantisation parameters of QOperator nodes

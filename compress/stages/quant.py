@@ -266,9 +266,8 @@ class QuantStage(Stage):
 
     def _qat_onnx(self, folded_dir, qdq_dir, ctx, evaluate):
         """paddle2onnx of the QDQ model, its weights stored as int8 (7-bit on CPUs without VNNI, see
-        :func:`compress.quant.qat.store_int8_weights`)."""
-        from compress.quant.onnx_int8 import cpu_has_vnni, export_onnx
-        from compress.quant.qat import store_int8_weights
+        :func:`compress.quant.onnx_int8.store_int8_weights`)."""
+        from compress.quant.onnx_int8 import cpu_has_vnni, export_onnx, store_int8_weights
         main = ctx.task.main_metric
         out_dir = os.path.join(ctx.out_dir, ONNX_INT8_DIR)
         float_onnx = export_onnx(folded_dir, os.path.join(out_dir, "model_fp32.onnx"))

@@ -74,8 +74,9 @@ def test_bad_qat_key_exits_2_with_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ folding
 
 
-class _Affine(paddle.nn.Layer):
-    """PP-LCNetV3's learnable affine block: ``x * scale + bias`` with 1-element parameters."""
+class AffineBlock(paddle.nn.Layer):
+    """PP-LCNetV3's learnable affine block: ``scale * x + bias`` with 1-element parameters (also used by
+    tests/unit/test_quant.py)."""
 
     def __init__(self, scale, bias):
         super().__init__()
@@ -83,7 +84,7 @@ class _Affine(paddle.nn.Layer):
         self.bias = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(bias))
 
     def forward(self, x):
-        return x * self.scale + self.bias
+        return self.scale * x + self.bias
 
 
 class _ConvNet(paddle.nn.Layer):
@@ -93,8 +94,8 @@ class _ConvNet(paddle.nn.Layer):
         super().__init__()
         self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1, bias_attr=False)
         self.bn = paddle.nn.BatchNorm2D(8)
-        self.affine = _Affine(1.3, 0.2)
-        self.act_affine = _Affine(0.8, -0.1)
+        self.affine = AffineBlock(1.3, 0.2)
+        self.act_affine = AffineBlock(0.8, -0.1)
         self.pointwise = paddle.nn.Conv2D(8, 4, 1)
         self.bn_relu = paddle.nn.BatchNorm(4, act="relu")  # PP-OCR DBHead's style
         self.transposed = paddle.nn.Conv2DTranspose(4, 4, 2, stride=2)
@@ -132,7 +133,7 @@ def test_fold_merges_bn_and_affine_by_data_flow_and_keeps_outputs():
     assert (counts.batch_norms, counts.affines) == (2, 1)
     assert isinstance(net.bn, paddle.nn.Identity) and isinstance(net.affine, paddle.nn.Identity)
     assert isinstance(net.bn_relu, paddle.nn.ReLU)
-    assert isinstance(net.act_affine, _Affine) and isinstance(net.bn_after_transposed, paddle.nn.BatchNorm2D)
+    assert isinstance(net.act_affine, AffineBlock) and isinstance(net.bn_after_transposed, paddle.nn.BatchNorm2D)
     assert net.conv.bias is not None
     np.testing.assert_allclose(net(paddle.to_tensor(x)).numpy(), reference, rtol=1e-5, atol=1e-5)
 
@@ -261,7 +262,7 @@ def test_store_int8_weights_shrinks_the_qat_onnx_and_keeps_its_function(tmp_path
     import onnx
     from onnx import numpy_helper
 
-    from compress.quant.qat import store_int8_weights
+    from compress.quant.onnx_int8 import store_int8_weights
 
     qat = prepare_qat(_conv_net(), _example(), layer_types=("Conv2D",))
     calibrate_observers(qat.model, [_example(seed=seed) for seed in range(4)])

@@ -13,16 +13,7 @@ from export.predictor import DeployConfig, create_predictor
 def _tiny_net():
     import paddle
 
-    class AffineBlock(paddle.nn.Layer):
-        """Scalar ``scale * x + bias`` as PP-LCNetV3's learnable affine block writes it."""
-
-        def __init__(self, scale, bias):
-            super().__init__()
-            self.scale = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(scale))
-            self.bias = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(bias))
-
-        def forward(self, x):
-            return self.scale * x + self.bias
+    from tests.unit.test_qat import AffineBlock
 
     class Tiny(paddle.nn.Layer):
         def __init__(self):
