@@ -192,6 +192,24 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class FidelityConfig:
+    """Images (no labels needed) on which every stage measures agreement with the baseline's own outputs."""
+
+    data_dir: str  # folder of images (det: pages, rec: cropped lines), searched recursively
+    label_file: Optional[str] = None  # optional image list (img_path[<TAB>label], paths relative to data_dir);
+    #                                   labels are ignored. null: every image under data_dir
+    transforms: Optional[List[Any]] = None  # null: the Eval transforms without their label operators
+    batch_size: Optional[int] = None  # null: the Eval batch size
+    limit: Optional[int] = None  # first N images (null: all)
+
+    def validate(self, where):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit: must be >= 1 or null (all images), got {self.limit}")
+
+
+@dataclass(frozen=True)
 class WeightsConfig:
     """Where the trained weights come from; exactly one key is set."""
 
@@ -238,6 +256,7 @@ class ModelConfig:
     Eval: DatasetConfig
     Train: Optional[DatasetConfig] = None
     Calibration: Optional[DatasetConfig] = None
+    Fidelity: Optional[FidelityConfig] = None
     Input: InputConfig = InputConfig()
     source_file: str = ""  # the file the section came from (set by the loader, not by users)
     base_dir: str = ""  # relative paths in this model config resolve against this folder

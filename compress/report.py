@@ -147,6 +147,12 @@ def _fmt(value, spec, suffix=""):
     return f"{value:{spec}}{suffix}" if _number(value) else "-"
 
 
+def _fmt_scripts(metrics):
+    """Per-script agreement with the baseline (rec), e.g. ``0.95/0.97/0.93``; ``-`` when not measured."""
+    values = [metrics.get(f"fidelity_{script}") for script in ("latin", "cjk", "mixed")]
+    return "/".join(_fmt(v, ".2f") for v in values) if any(_number(v) for v in values) else "-"
+
+
 COLUMNS = (
     ("stage", lambda r: r["stage"]),
     ("variant", lambda r: r.get("variant") or "-"),
@@ -154,6 +160,8 @@ COLUMNS = (
     ("precision", lambda r: r.get("precision") or "-"),
     ("metric", lambda r: f"{r['metric_name']} {_fmt_metric(r.get('metric'))}" if r.get("metric_name") else "-"),
     ("Δ pt", lambda r: _fmt(r.get("metric_diff_pt"), "+.2f")),
+    ("fidelity", lambda r: _fmt((r.get("metrics") or {}).get("fidelity"), ".4f")),
+    ("latin/cjk/mixed", lambda r: _fmt_scripts(r.get("metrics") or {})),
     ("params", lambda r: _fmt_count(r.get("params"))),
     ("FLOPs", lambda r: _fmt_count(r.get("flops"))),
     ("size MB", lambda r: _fmt((r.get("size_bytes") or 0) / 1e6 if r.get("size_bytes") else None, ".2f")),
@@ -172,7 +180,8 @@ E2E_COLUMNS = (
     ("line acc", lambda r: _fmt(r["metrics"].get("line_accuracy"), ".4f")),
     ("pages", lambda r: _fmt(r["metrics"].get("pages"), "d")),
 )
-SUMMARY_COLUMNS = ("stage", "variant", "backend", "metric", "Δ pt", "size MB", "p50 ms", "speedup", "img/s")
+SUMMARY_COLUMNS = ("stage", "variant", "backend", "metric", "Δ pt", "fidelity", "latin/cjk/mixed", "size MB",
+                   "p50 ms", "speedup", "img/s")
 E2E_SUMMARY_COLUMNS = ("stage", "variant", "backend", "metric", "Δ pt", "word P", "word R", "CER", "size MB",
                        "p50 ms", "speedup")
 E2E_TABLE = ("stage", "variant", "backend", "precision", "metric", "Δ pt", "word P", "word R", "CER", "line acc",
@@ -257,7 +266,10 @@ def render_markdown(rows, info, title="Compression A/B report", notes=()):
 
 
 def _legend():
-    return ("Δ pt: main metric minus the baseline row's (same backend when measured), in points. speedup: baseline "
+    return ("Δ pt: main metric minus the baseline row's (same backend when measured), in points. fidelity: agreement "
+            "with the baseline model's own outputs on the unlabelled Fidelity split (rec: share of lines read exactly "
+            "as the baseline reads them; det: box hmean with the baseline's boxes as reference, IoU 0.5); "
+            "latin/cjk/mixed: the same per script of the baseline's reading. speedup: baseline "
             "p50 / p50. size x: size / baseline size. Latency at batch 1; img/s at the batch shown; RSS: peak "
             "resident memory of a fresh process loading and running the model. Rows without timings come from the "
             "run manifest (dygraph evaluation during the pipeline).")
@@ -401,12 +413,14 @@ def render_html(rows, info, title="Compression A/B report", images=None, gate=No
              f"<h1>{html.escape(title)}</h1>"]
     if gate is not None:
         state = "pass" if gate["passed"] else "failed"
-        if gate.get("max_metric_drop") is None:
-            state, title, text = "off", "Gate off", "no max_metric_drop set: nothing is gated"
+        limits = [f"{gate[key]:g} pt of {what}" for key, what in (
+            ("max_metric_drop", "its baseline's metric"), ("max_fidelity_drop", "fidelity to the baseline"),
+            ("max_script_fidelity_drop", "fidelity per script")) if gate.get(key) is not None]
+        if not limits:
+            state, title, text = "off", "Gate off", "no max_metric_drop or max_fidelity_drop set: nothing is gated"
         else:
             title = "Gate passed" if gate["passed"] else "Gate FAILED"
-            text = gate.get("message") or (f"every gated row is within {gate['max_metric_drop']:g} pt of its "
-                                           f"baseline")
+            text = gate.get("message") or f"every gated row is within {', '.join(limits)}"
         parts.append(f'<div class="gate {state}"><b>{title}:</b> {html.escape(text)}</div>')
     parts.append('<p class="small">' + "<br>".join(html.escape(line) for line in _machine_lines(info)) + "</p>")
     for model in models_in(rows):

@@ -101,6 +101,63 @@ class Task:
         for batch in self.batches(split, batch_size, limit):
             yield np.stack([s[0] for s in batch]).astype("float32")
 
+    def fidelity_batches(self):
+        """The Fidelity split, preprocessed and batched, cached: (image names, [(images NCHW, shapes or None)]).
+
+        Images come from ``Fidelity.label_file`` (labels ignored) or from every image under ``Fidelity.data_dir``;
+        they are read with ``Fidelity.transforms`` or, by default, the Eval transforms without label operators.
+        Det batches hold one page each (pages differ in size) with its resize record for post-processing.
+
+        Raises:
+            InputError: when the model config has no Fidelity section, or the folder holds no image.
+        """
+        if "fidelity" in self._cache:
+            return self._cache["fidelity"]
+        import os
+
+        from ppocr.data.imaug import create_operators, transform
+
+        from compress.data.labels import read_image_list
+        from compress.fidelity import list_images, strip_label_ops
+
+        cfg = self.cfg.Fidelity
+        if cfg is None:
+            raise InputError(f"{self.cfg.source_file}: Fidelity: section missing; add data_dir (a folder of "
+                             f"unlabelled images) to measure agreement with the baseline")
+        data_dir = self.cfg.path(cfg.data_dir)
+        if cfg.label_file:
+            paths = [str(p) for p in read_image_list(self.cfg.path(cfg.label_file), data_dir)]
+        else:
+            if not os.path.isdir(data_dir):
+                raise InputError(f"{self.cfg.source_file}: Fidelity.data_dir: {data_dir} is not a folder; point it "
+                                 f"at a folder of images")
+            paths = [os.path.join(data_dir, name) for name in list_images(data_dir)]
+        paths = paths[:cfg.limit] if cfg.limit else paths
+        if not paths:
+            raise InputError(f"{self.cfg.source_file}: Fidelity: no images under {data_dir}; add .jpg/.png files "
+                             f"or fix data_dir / label_file")
+        transforms = cfg.transforms if cfg.transforms is not None else strip_label_ops(self.cfg.Eval.transforms,
+                                                                                        self.task)
+        ops = create_operators(copy.deepcopy([dict(t) for t in transforms]), self.global_config)
+        size = 1 if self.task == "det" else (cfg.batch_size or self.cfg.Eval.batch_size)
+        samples = []
+        for path in tqdm(paths, desc=f"load {self.task} fidelity", disable=not self.show_progress, leave=False):
+            with open(path, "rb") as f:
+                result = transform({"img_path": path, "image": f.read()}, ops)
+            if result is None:
+                raise InputError(f"{path}: rejected by the Fidelity transforms (unreadable image?); remove it "
+                                 f"from {cfg.label_file or data_dir}")
+            samples.append(result)
+        batches = []
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            images = np.stack([s[0] for s in chunk]).astype("float32")
+            shapes = np.stack([s[1] for s in chunk]) if self.task == "det" else None
+            batches.append((images, shapes))
+        names = [os.path.relpath(p, data_dir).replace(os.sep, "/") for p in paths]
+        self._cache["fidelity"] = (names, batches)
+        return self._cache["fidelity"]
+
     def example_input(self, batch=1):
         """A deterministic array of the config's example input shape, for tracing and FLOPs counting."""
         shape = (batch,) + tuple(self.cfg.Input.example_shape)

@@ -93,7 +93,7 @@ def compare(args):
     setting = "--max-metric-drop" if args.max_metric_drop is not None else "Compare.max_metric_drop"
     # only the compared run is gated, never the reference
     gated = [dict(r, gated=r["gated"] and r.get("run") == sources[-1].label) for r in rows]
-    gate = run_gate(gated, cfg.max_metric_drop, setting)
+    gate = run_gate(gated, cfg, setting)
     info = machine_info()
     info.update(threads=cfg.threads or sources[0].config.Global.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                 batch=cfg.batch)

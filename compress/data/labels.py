@@ -145,6 +145,21 @@ def read_rec_labels(
     return samples
 
 
+def read_image_list(label_file: str | Path, data_dir: str | Path) -> list[Path]:
+    """Image paths of a list file (``img_path`` or ``img_path<TAB>anything`` per line; what follows the tab is
+    ignored), so a det or rec label file serves as an unlabelled image list too. Blank lines are skipped.
+
+    Raises:
+        InputError: a listed image does not exist (``file:line``).
+    """
+    images = []
+    for line_no, line in _read_lines(Path(label_file), "image list"):
+        image_path = line.split("\t", 1)[0].strip()
+        if image_path:
+            images.append(_existing_image(image_path, data_dir, f"{label_file}:{line_no}"))
+    return images
+
+
 def _read_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
     """Yield ``(line_no, line)`` with line endings removed; line numbers start at 1."""
     if not path.is_file():

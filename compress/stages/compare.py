@@ -55,6 +55,10 @@ class CompareConfig:
     eval_limit: Optional[int] = None  # evaluate exported models on the first N eval samples (null: the Eval limit)
     backends: List[str] = ("paddle_cpu", "onnxruntime")
     max_metric_drop: Optional[float] = 1.0  # gate: largest allowed main-metric drop in points (null: no gate)
+    # gate: largest allowed loss of agreement with the baseline on the Fidelity split, in points, overall and for
+    # the worst script (rec); null: not gated
+    max_fidelity_drop: Optional[float] = None
+    max_script_fidelity_drop: Optional[float] = None
     e2e: bool = True  # end-to-end det+rec OCR A/B on the det eval pages (at the last model of the run)
     e2e_limit: Optional[int] = None  # pages for the end-to-end A/B (null: all det eval pages)
     rss: bool = True  # measure peak RSS in a fresh process per exported model
@@ -69,6 +73,9 @@ class CompareConfig:
             if backend not in KNOWN_BACKENDS:
                 raise ConfigError(f"{where}.backends: {backend!r} is unknown; use some of: "
                                   f"{', '.join(KNOWN_BACKENDS)}")
+        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
         if self.max_metric_drop is not None and self.max_metric_drop < 0:
             raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points (or null for no gate), "
                               f"got {self.max_metric_drop}")
@@ -288,7 +295,7 @@ def predict_fn(predictor):
     return predict
 
 
-def measure_variants(model_name, variants, task, settings, max_batch_size, facts, log=print):
+def measure_variants(model_name, variants, task, settings, max_batch_size, facts, log=print, reference=None):
     """Evaluate and time exported models against each other; one report row per variant.
 
     Args:
@@ -299,10 +306,13 @@ def measure_variants(model_name, variants, task, settings, max_batch_size, facts
         max_batch_size: largest batch the model takes (Input.max_batch_size).
         facts: callable(Variant) -> dict with ``params`` / ``flops`` for the row (from the manifest).
         log: progress lines.
+        reference: the baseline's :class:`~compress.fidelity.FidelityReference`; each variant's agreement with it
+            goes into the row's metrics (``fidelity``, ...). None: not measured.
 
     Returns:
         list of report rows (deltas not applied yet).
     """
+    from compress.fidelity import measure_fidelity, summary
     from export.predictor import create_predictor
 
     if not variants:
@@ -316,6 +326,9 @@ def measure_variants(model_name, variants, task, settings, max_batch_size, facts
         predictors[key] = predictor
         metrics = task.evaluate(predict_fn(predictor), limit=settings.eval_limit,
                                 desc=f"compare {model_name} {_label(variant)}")
+        if reference is not None:
+            metrics.update(measure_fidelity(task, predict_fn(predictor), reference,
+                                            desc=f"fidelity {model_name} {_label(variant)}"))
         rows[key] = new_row(model_name, variant.stage, variant=variant.name, backend=variant.backend,
                             precision=variant.precision, run=variant.run, source="measured",
                             metric_name=task.main_metric, metric=metrics.get(task.main_metric), metrics=metrics,
@@ -325,7 +338,7 @@ def measure_variants(model_name, variants, task, settings, max_batch_size, facts
             rows[key]["note"] = f"ran on {predictor.backend}: {predictor.fallback_reason}"
         if settings.show_progress:
             log(f"  compare {model_name} {_label(variant)}: {task.main_metric}="
-                f"{rows[key]['metric']:.4f}")
+                f"{rows[key]['metric']:.4f}  {summary(metrics)}".rstrip())
     latency = _time_all(predictors, single, settings)
     throughput = latency if batch == 1 else _time_all(predictors, many, settings)
     for key, row in rows.items():
@@ -431,12 +444,46 @@ def mark_gated(rows):
     return rows
 
 
-def run_gate(rows, max_metric_drop, setting="Compare.max_metric_drop"):
-    """The gate summary stored in the reports: passed, message, failing row keys."""
-    failures = gate_failures(rows, max_metric_drop)
-    message = gate_message(failures, max_metric_drop, {row_key(r): r for r in rows}, setting) if failures else ""
-    return {"max_metric_drop": max_metric_drop, "passed": not failures, "message": message,
-            "failing": [row_key(r) for r, _ in failures]}
+def fidelity_failures(rows, max_drop_pt, max_script_drop_pt=None, setting="Compare.max_fidelity_drop"):
+    """Gated rows whose agreement with the baseline (``metrics.fidelity``) fell more than the limits allow.
+
+    Returns:
+        list of (row, one-line reason), in row order; empty when the gate passes or is off.
+    """
+    from compress.fidelity import fidelity_gate
+
+    failing = []
+    for row in rows:
+        reason = fidelity_gate(row.get("metrics") or {}, max_drop_pt, max_script_drop_pt, setting=setting) \
+            if row.get("gated") else None
+        if reason:
+            failing.append((row, f"{row['model']} {row.get('variant') or row['stage']} on {row.get('backend')}: "
+                                 f"{reason}"))
+    return failing
+
+
+def gate_summary(rows, cfg, metric_setting="Compare.max_metric_drop"):
+    """The gate over ``rows``: (failing row keys, one-line message) for the metric and the fidelity limits of a
+    :class:`CompareConfig`; no keys and an empty message when it passes."""
+    metric = gate_failures(rows, cfg.max_metric_drop)
+    fidelity = fidelity_failures(rows, cfg.max_fidelity_drop, cfg.max_script_fidelity_drop)
+    parts = []
+    if metric:
+        parts.append(gate_message(metric, cfg.max_metric_drop, {row_key(r): r for r in rows}, metric_setting))
+    if fidelity:
+        more = f" ({len(fidelity) - 1} more rows over it)" if len(fidelity) > 1 else ""
+        parts.append(fidelity[0][1] + more + "; recover fidelity (distill on unlabelled images, prune less) or raise "
+                                              "the limit")
+    keys = list(dict.fromkeys([row_key(r) for r, _ in metric] + [row_key(r) for r, _ in fidelity]))
+    return keys, " | ".join(parts)
+
+
+def run_gate(rows, cfg, metric_setting="Compare.max_metric_drop"):
+    """The gate summary stored in the reports: limits, passed, message, failing row keys."""
+    keys, message = gate_summary(rows, cfg, metric_setting)
+    return {"max_metric_drop": cfg.max_metric_drop, "max_fidelity_drop": cfg.max_fidelity_drop,
+            "max_script_fidelity_drop": cfg.max_script_fidelity_drop, "passed": not keys, "message": message,
+            "failing": keys}
 
 
 def finish_rows(rows, reference_run=None):
@@ -746,11 +793,22 @@ def compare_sources(sources, cfg, reference=0, log=print):
         variants = drop_unavailable(variants, settings.threads, notes)
         variants_by_model[model] = (model_cfg, variants)
         rows += measure_variants(model, variants, task, settings, model_cfg.Input.max_batch_size,
-                                 lambda v, facts=facts: facts[v.run](v), log)
+                                 lambda v, facts=facts: facts[v.run](v), log,
+                                 reference=run_fidelity_reference(owner, model, model_cfg))
     if cfg.e2e:
         rows += _e2e_for(variants_by_model, cfg, settings, notes, log)
     reference_label = ref.label if len(sources) > 1 else None
     return finish_rows(rows, reference_label), notes
+
+
+def run_fidelity_reference(source, model, model_cfg):
+    """The fidelity reference a run's baseline stage stored for ``model``; None without one (no Fidelity split,
+    or a run made before fidelity was measured)."""
+    from compress.fidelity import REFERENCE_FILE, FidelityReference
+
+    folder = checkpoint_dir(source.manifest, "baseline", model) if model_cfg.Fidelity is not None else None
+    path = os.path.join(folder, REFERENCE_FILE) if folder else None
+    return FidelityReference.load(path) if path and os.path.exists(path) else None
 
 
 def _e2e_for(variants_by_model, cfg, settings, notes, log):
@@ -789,10 +847,9 @@ class CompareStage(Stage):
         e2e = self._e2e(ctx, cfg, settings, notes) if cfg.e2e and self._is_last_model(ctx) else None
         atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows + (e2e or [])})
         all_rows = finish_rows(self._other_models_rows(ctx, keep_e2e=e2e is None) + rows + (e2e or []))
-        failures = gate_failures(rows, cfg.max_metric_drop)
-        message = gate_message(failures, cfg.max_metric_drop, {row_key(r): r for r in rows}) if failures else ""
+        failures, message = gate_summary(rows, cfg)
         write_reports(all_rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
-                      self._images(ctx), gate=run_gate(all_rows, cfg.max_metric_drop), notes=notes)
+                      self._images(ctx), gate=run_gate(all_rows, cfg), notes=notes)
         if self._is_last_model(ctx) or failures:
             print(summary_text(all_rows), flush=True)
         return StageResult(model=model, metrics=self._metrics(rows, ctx.task.main_metric), passed=not failures,
@@ -808,9 +865,11 @@ class CompareStage(Stage):
         variants = discover_variants(export_dir, cfg.backends, task=ctx.task.task,
                                      baseline_names=baseline_folders(ctx.manifest, ctx.model_name, export_dir))
         variants = drop_unavailable(variants, settings.threads, notes)
+        from compress.stages.evaluation import fidelity_reference
         return rows + measure_variants(ctx.model_name, variants, ctx.task, settings,
                                        ctx.model_cfg.Input.max_batch_size,
-                                       model_facts_from_manifest(ctx.manifest, ctx.model_name))
+                                       model_facts_from_manifest(ctx.manifest, ctx.model_name),
+                                       reference=fidelity_reference(ctx))
 
     def _is_last_model(self, ctx):
         models = ctx.manifest.data.get("models") or [ctx.model_name]

@@ -86,6 +86,10 @@ class QuantConfig:
     weight_quantize_type: Literal["channel_wise_abs_max", "abs_max"] = "channel_wise_abs_max"
     backends: List[Literal["paddle_cpu", "onnxruntime"]] = BACKENDS
     max_drop: float = 0.01  # largest accepted metric loss of INT8 vs float (absolute, 0.01 = 1 point)
+    # largest accepted loss of agreement with the baseline (Fidelity split), INT8 vs float on the same backend,
+    # in points: overall, and for the worst script (rec: latin / cjk / mixed). null: not gated
+    max_fidelity_drop: Optional[float] = None
+    max_script_fidelity_drop: Optional[float] = None
     fallback_candidates: int = 6  # layers tried for keeping float, most input channels first
     max_skipped: int = 3  # at most this many layers stay float
     fallback_limit: Optional[int] = None  # Calibration samples used to rank the fallback candidates
@@ -99,6 +103,9 @@ class QuantConfig:
             raise ConfigError(f"{where}.backends: list at least one of {', '.join(BACKENDS)}")
         if self.max_drop < 0:
             raise ConfigError(f"{where}.max_drop: must be >= 0, got {self.max_drop}")
+        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
 
 
 def _predict_fn(model_dir, deploy, input_name):
@@ -184,6 +191,9 @@ class QuantStage(Stage):
                 result["int8_vs_fake_quant"] = round(result["int8_metric"] - metadata["qat"]["fake_quant_metric"], 6)
             drop = result["float_metric"] - result["int8_metric"]
             result["passed"] = drop <= cfg.max_drop
+            fidelity_failure = self._fidelity(result, backend, cfg, ctx, settings, metrics)
+            if fidelity_failure:
+                result["passed"], result["fidelity_gate"] = False, fidelity_failure
             metadata["backends"][backend] = result
             metrics[f"{main}_{backend}_fp32"] = result["float_metric"]
             metrics[f"{main}_{backend}_int8"] = result["int8_metric"]
@@ -193,13 +203,20 @@ class QuantStage(Stage):
         metadata["passed_backends"] = passed_backends
         best = max(cfg.backends, key=lambda b: metadata["backends"][b]["int8_metric"])
         metrics[main] = metadata["backends"][best]["int8_metric"]
+        if "fidelity" in metadata["backends"][best]:
+            metrics.update(metadata["backends"][best]["fidelity"]["int8"])
         atomic_write_json(os.path.join(ctx.out_dir, "quant.json"), metadata)
         shutil.rmtree(work, ignore_errors=True)
         summary = ", ".join(
             f"{b} {metadata['backends'][b]['int8_metric']:.4f} vs fp32 {metadata['backends'][b]['float_metric']:.4f}"
             + (f" ({len(metadata['backends'][b].get('skipped_layers', []))} float layers)"
                if metadata["backends"][b].get("skipped_layers") else "")
+            + (f", fidelity {metadata['backends'][b]['fidelity']['int8']['fidelity']:.4f} vs fp32 "
+               f"{metadata['backends'][b]['fidelity']['fp32']['fidelity']:.4f}"
+               if "fidelity" in metadata["backends"][b] else "")
             for b in cfg.backends)
+        fidelity_failures = "; ".join(f"{b}: {metadata['backends'][b]['fidelity_gate']}" for b in cfg.backends
+                                      if metadata["backends"][b].get("fidelity_gate"))
         if qdq_dir:
             qat = metadata["qat"]
             summary = f"QAT {qat['steps']} steps, fake-quant {qat['fake_quant_metric']:.4f}; {summary}"
@@ -207,9 +224,33 @@ class QuantStage(Stage):
             advice = ("raise Quant.qat.max_steps or lr, or quantize fewer layer types" if qdq_dir else
                       "raise Quant.max_skipped / fallback_candidates, try algo hist, or use method qat")
             return StageResult(model=model, metrics=metrics, metadata=metadata, passed=False,
-                               message=f"INT8 lost more than {cfg.max_drop:g} {main} on every backend ({summary}); "
+                               message=f"INT8 lost more than {cfg.max_drop:g} {main} "
+                                       f"{'or its fidelity budget ' if fidelity_failures else ''}on every backend "
+                                       f"({summary}{'; ' + fidelity_failures if fidelity_failures else ''}); "
                                        f"{advice}")
         return StageResult(model=model, metrics=metrics, metadata=metadata, message=f"INT8 {summary}")
+
+    def _fidelity(self, result, backend, cfg, ctx, settings, metrics):
+        """Agreement with the baseline of the float and the INT8 model on ``backend``, recorded in ``result`` and
+        ``metrics``; returns the fidelity gate's failure message (INT8 vs float), or None."""
+        from compress.fidelity import fidelity_gate
+        from compress.stages.evaluation import fidelity_metrics
+        from export.deploy import build_deploy_config
+
+        paths = {"fp32": result.pop("float_model"), "int8": result.pop("int8_model")}
+        if ctx.model_cfg.Fidelity is None:
+            return None
+        measured = {}
+        for precision, path in paths.items():
+            deploy = build_deploy_config(ctx.model_cfg.task, ctx.model_cfg.Input, backend, precision, settings)
+            measured[precision] = fidelity_metrics(ctx, _predict_fn(path, deploy, ctx.model_cfg.Input.name),
+                                                   desc=f"fidelity {backend} {precision}")
+            for key, value in measured[precision].items():
+                if not key.startswith("fidelity_lines") and key != "fidelity_boxes":
+                    metrics[f"{key}_{backend}_{precision}"] = value
+        result["fidelity"] = measured
+        return fidelity_gate(measured["int8"], cfg.max_fidelity_drop, cfg.max_script_fidelity_drop,
+                             reference_metrics=measured["fp32"], setting="Quant.max_fidelity_drop")
 
     def _train_qat(self, model, calib, cfg, ctx, qdq_dir):
         """Fake-quant training of a folded copy of ``model``, exported as a Paddle QDQ model into ``qdq_dir``.
@@ -259,7 +300,8 @@ class QuantStage(Stage):
         shutil.copytree(qdq_dir, out_dir)
         result = {"float_metric": evaluate(folded_dir, "paddle_cpu", "fp32")[main],
                   "int8_metric": evaluate(out_dir, "paddle_cpu", "int8")[main],
-                  "float_bytes": dir_size(folded_dir), "int8_bytes": dir_size(out_dir), "dir": PADDLE_INT8_DIR}
+                  "float_bytes": dir_size(folded_dir), "int8_bytes": dir_size(out_dir), "dir": PADDLE_INT8_DIR,
+                  "float_model": folded_dir, "int8_model": out_dir}
         if result["float_metric"] - result["int8_metric"] > cfg.max_drop:
             result["qdq_float_ops_metric"] = evaluate(out_dir, "paddle_cpu", "fp32", mkldnn=False)[main]
         return result
@@ -279,7 +321,8 @@ class QuantStage(Stage):
                 "int8_metric": evaluate(int8_onnx, "onnxruntime", "int8")[main],
                 "float_bytes": os.path.getsize(float_onnx), "int8_bytes": os.path.getsize(int8_onnx),
                 "dir": ONNX_INT8_DIR, "files": {"fp32": os.path.basename(float_onnx),
-                                                 "int8": os.path.basename(int8_onnx)}}
+                                                 "int8": os.path.basename(int8_onnx)},
+                "float_model": float_onnx, "int8_model": int8_onnx}
 
     def _paddle_int8(self, folded_dir, calib, cfg, ctx, evaluate, work):
         from compress.quant.ptq import ptq_with_fallback, layer_quant_sensitivity
@@ -309,7 +352,7 @@ class QuantStage(Stage):
         return {"float_metric": result.float_metric, "int8_metric": result.quant_metric,
                 "skipped_layers": list(result.skipped_layers), "history": [list(h) for h in result.history],
                 "float_bytes": dir_size(folded_dir), "int8_bytes": dir_size(out_dir), "dir": PADDLE_INT8_DIR,
-                "algo": cfg.algo}
+                "algo": cfg.algo, "float_model": folded_dir, "int8_model": out_dir}
 
     def _onnx_int8(self, folded_dir, calib, cfg, ctx, evaluate, work):
         from compress.quant.onnx_int8 import build_onnx_int8
@@ -321,7 +364,8 @@ class QuantStage(Stage):
                 "float_bytes": os.path.getsize(result.float_onnx), "int8_bytes": os.path.getsize(result.int8_onnx),
                 "quantized_nodes": result.quantized_nodes, "reduce_range": result.reduce_range,
                 "dir": ONNX_INT8_DIR, "files": {"fp32": os.path.basename(result.float_onnx),
-                                                 "int8": os.path.basename(result.int8_onnx)}}
+                                                 "int8": os.path.basename(result.int8_onnx)},
+                "float_model": result.float_onnx, "int8_model": result.int8_onnx}
 
 
 class _Lazy:

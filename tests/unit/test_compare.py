@@ -97,7 +97,7 @@ def _fake_run(tmp_path, export_dir, models=("det",)):
 def _ctx(manifest, tmp_path, model="det", out_name=None):
     out_dir = tmp_path / (out_name or f"out_{model}")
     out_dir.mkdir()
-    model_cfg = types.SimpleNamespace(Input=types.SimpleNamespace(max_batch_size=4))
+    model_cfg = types.SimpleNamespace(Input=types.SimpleNamespace(max_batch_size=4), Fidelity=None)
     return StageContext(model_name=model, model_cfg=model_cfg,
                         global_cfg=types.SimpleNamespace(threads=1, show_progress=False), task=FakeTask(),
                         out_dir=str(out_dir), run_dir=manifest.run_dir, manifest=manifest, stage_index=3,

@@ -1,0 +1,304 @@
+"""Fidelity to the baseline: how closely a compressed model reproduces the baseline model's own outputs.
+
+Labelled accuracy on an eval split only sees what that split holds. A compressed model must keep what the baseline
+knows, so every stage also measures agreement with the baseline on a ``Fidelity`` split of images that need no
+labels (a folder of the user's own production images works as well as the generated demo split):
+
+* rec: the fraction of lines whose decoded string equals the baseline's decoded string (``fidelity``), the mean
+  1 - normalised edit distance to it (``fidelity_ned``), both also per script of the baseline's string
+  (``latin``: no CJK characters; ``cjk``: CJK characters and no ASCII letters or digits; ``mixed``: both);
+* det: the hmean of the model's boxes with the baseline's boxes as the reference (IoU 0.5, PP-OCR's
+  ``DetectionIoUEvaluator``), also precision and recall.
+
+The baseline's outputs are computed once, by the baseline stage, and stored as a :class:`FidelityReference`
+(JSON) in its checkpoint; every later measurement compares against that file. The baseline against itself scores
+exactly 1.0 by construction.
+"""
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from compress.errors import CheckpointError
+
+REFERENCE_FILE = "fidelity_reference.json"
+REFERENCE_FORMAT = 1
+SCRIPTS = ("latin", "cjk", "mixed")
+DET_IOU = 0.5
+MIN_SCRIPT_LINES = 10  # a script with fewer reference lines is reported but not gated
+
+
+# ------------------------------------------------------------------------------------------------ scripts
+
+def is_cjk_char(char):
+    """True for Han ideographs (incl. extensions and compatibility forms), kana and Hangul syllables."""
+    code = ord(char)
+    return (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF
+            or 0x20000 <= code <= 0x2FA1F or 0x3040 <= code <= 0x30FF or 0xAC00 <= code <= 0xD7AF)
+
+
+def script_of(text):
+    """``latin``, ``cjk`` or ``mixed`` for a text line (punctuation and spaces count for neither script).
+
+    A line with no CJK character is ``latin`` (digits and symbols included); one with CJK characters and ASCII
+    letters or digits (prices, dates, codes in a Chinese line) is ``mixed``.
+    """
+    has_cjk = any(is_cjk_char(c) for c in text)
+    if not has_cjk:
+        return "latin"
+    has_ascii = any(c.isascii() and c.isalnum() for c in text)
+    return "mixed" if has_ascii else "cjk"
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+
+def normalized_similarity(reference, candidate):
+    """1 - Levenshtein distance / the longer length (1.0 for two empty strings), as PP-OCR's ``norm_edit_dis``."""
+    from rapidfuzz.distance import Levenshtein
+
+    longest = max(len(reference), len(candidate))
+    return 1.0 if longest == 0 else 1.0 - Levenshtein.distance(reference, candidate) / longest
+
+
+def rec_agreement(reference, candidate):
+    """Agreement of candidate strings with the reference strings, overall and per script of the reference.
+
+    Args:
+        reference: the baseline's decoded strings.
+        candidate: the compared model's decoded strings for the same images, in the same order.
+
+    Returns:
+        dict: ``fidelity`` (exact agreement), ``fidelity_ned`` (mean 1 - NED), ``fidelity_lines``, and per script
+        ``fidelity_<script>``, ``fidelity_ned_<script>``, ``fidelity_lines_<script>`` (scripts with no line are
+        left out).
+    """
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(candidate)} candidate strings for {len(reference)} reference strings")
+    groups = {"": list(range(len(reference)))}
+    for index, text in enumerate(reference):
+        groups.setdefault(script_of(text), []).append(index)
+    out = {}
+    for script in ("",) + SCRIPTS:
+        indices = groups.get(script)
+        if not indices:
+            continue
+        suffix = f"_{script}" if script else ""
+        exact = [reference[i] == candidate[i] for i in indices]
+        similarity = [normalized_similarity(reference[i], candidate[i]) for i in indices]
+        out[f"fidelity{suffix}"] = float(np.mean(exact))
+        out[f"fidelity_ned{suffix}"] = float(np.mean(similarity))
+        out[f"fidelity_lines{suffix}"] = len(indices)
+    return out
+
+
+def det_agreement(reference, candidate, iou=DET_IOU):
+    """Box agreement of candidate detections with the reference detections, page by page.
+
+    Args:
+        reference: per page, the baseline's boxes (each a list of [x, y] corner points).
+        candidate: per page, the compared model's boxes.
+        iou: IoU for a candidate box to match a reference box.
+
+    Returns:
+        dict: ``fidelity`` (box hmean), ``fidelity_precision``, ``fidelity_recall``, ``fidelity_pages``,
+        ``fidelity_boxes`` (reference boxes). Two models that both find nothing agree (1.0).
+    """
+    from compress.ppocr_compat import ensure_ppocr
+    ensure_ppocr()
+    from ppocr.metrics.eval_det_iou import DetectionIoUEvaluator
+
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(candidate)} candidate pages for {len(reference)} reference pages")
+    evaluator = DetectionIoUEvaluator(iou_constraint=iou)
+    results = [evaluator.evaluate_image(_boxes_for_evaluator(ref), _boxes_for_evaluator(cand))
+               for ref, cand in zip(reference, candidate)]
+    total = evaluator.combine_results(results)
+    reference_boxes = sum(len(r) for r in reference)
+    if reference_boxes == 0 and sum(len(c) for c in candidate) == 0:
+        total = {"precision": 1.0, "recall": 1.0, "hmean": 1.0}
+    return {"fidelity": float(total["hmean"]), "fidelity_precision": float(total["precision"]),
+            "fidelity_recall": float(total["recall"]), "fidelity_pages": len(reference),
+            "fidelity_boxes": reference_boxes}
+
+
+def _boxes_for_evaluator(boxes):
+    return [{"points": [tuple(map(float, p)) for p in box], "text": "", "ignore": False} for box in boxes]
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+@dataclasses.dataclass
+class FidelityReference:
+    """The baseline's outputs on the fidelity images.
+
+    Attributes:
+        task: ``det`` or ``rec``.
+        images: the image files, relative to the Fidelity ``data_dir`` (the order of ``outputs``).
+        outputs: rec: one decoded string per image; det: per image a list of boxes ([[x, y], ...]).
+    """
+
+    task: str
+    images: List[str]
+    outputs: list
+
+    def save(self, path):
+        from compress.checkpoint import atomic_write_json
+        atomic_write_json(path, {"format": REFERENCE_FORMAT, "task": self.task, "images": self.images,
+                                 "outputs": self.outputs})
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable fidelity reference ({exc}); re-run the baseline stage "
+                                  f"(--rollback-to baseline)") from None
+        if data.get("format") != REFERENCE_FORMAT:
+            raise CheckpointError(f"{path}: fidelity reference format {data.get('format')!r}, expected "
+                                  f"{REFERENCE_FORMAT}; re-run the baseline stage (--rollback-to baseline)")
+        return cls(data["task"], list(data["images"]), list(data["outputs"]))
+
+
+def decode_outputs(task, predict, batches, desc="fidelity", show_progress=True):
+    """The model's decoded outputs on fidelity batches: rec strings, or det boxes per page.
+
+    Args:
+        task: a ``compress.tasks.Task``.
+        predict: callable(NCHW float array) -> model output (rec probabilities / det probability maps).
+        batches: list of (images NCHW, shapes or None) from ``Task.fidelity_batches``.
+        desc: progress bar label.
+    """
+    outputs = []
+    for images, shapes in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+        raw = predict(images)
+        if task.task == "rec":
+            outputs += [text for text, _score in task.post_process(raw)]
+        else:
+            post = task.post_process({"maps": raw}, shapes)
+            outputs += [np.asarray(page["points"]).round(2).tolist() for page in post]
+    return outputs
+
+
+def compute_reference(task, predict):
+    """Run the baseline ``predict`` over the task's fidelity split; None when the model config has none."""
+    if task.cfg.Fidelity is None:
+        return None
+    images, batches = task.fidelity_batches()
+    outputs = decode_outputs(task, predict, batches, desc=f"fidelity reference {task.task}",
+                             show_progress=task.show_progress)
+    return FidelityReference(task.task, images, outputs)
+
+
+def measure_fidelity(task, predict, reference, desc=None):
+    """Agreement of ``predict`` with ``reference`` on the same fidelity images.
+
+    Raises:
+        CheckpointError: when the fidelity images changed since the reference was made.
+    """
+    images, batches = task.fidelity_batches()
+    if images != reference.images:
+        raise CheckpointError(f"{task.cfg.source_file}: Fidelity: the images differ from those the baseline's "
+                              f"reference was made on ({len(images)} vs {len(reference.images)}); re-run the "
+                              f"baseline stage (--rollback-to baseline)")
+    outputs = decode_outputs(task, predict, batches, desc=desc or f"fidelity {task.task}",
+                             show_progress=task.show_progress)
+    return agreement_of(reference, outputs)
+
+
+def agreement_of(reference, outputs):
+    """:func:`rec_agreement` or :func:`det_agreement` of ``outputs`` with a reference, by its task."""
+    agreement = rec_agreement if reference.task == "rec" else det_agreement
+    return agreement(reference.outputs, outputs)
+
+
+def fidelity_drops(metrics, reference_metrics=None, scripts=True):
+    """Fidelity drops in points (100 x (reference - measured)) for gating.
+
+    Args:
+        metrics: measured metrics holding ``fidelity`` and, for rec, ``fidelity_<script>``.
+        reference_metrics: the fidelity metrics to compare with (e.g. the float model's for an INT8 gate); None:
+            the baseline itself (1.0 by definition).
+        scripts: include per-script drops (scripts with at least ``MIN_SCRIPT_LINES`` lines).
+
+    Returns:
+        dict name -> drop in points (``fidelity``, ``fidelity_cjk``, ...); empty without fidelity metrics.
+    """
+    if "fidelity" not in metrics:
+        return {}
+    names = ["fidelity"] + ([f"fidelity_{s}" for s in SCRIPTS
+                             if metrics.get(f"fidelity_lines_{s}", 0) >= MIN_SCRIPT_LINES] if scripts else [])
+    drops = {}
+    for name in names:
+        if name not in metrics:
+            continue
+        ref = 1.0 if reference_metrics is None else reference_metrics.get(name, 1.0)
+        drops[name] = 100.0 * (ref - metrics[name])
+    return drops
+
+
+def fidelity_gate(metrics, max_drop_pt, max_script_drop_pt=None, reference_metrics=None, setting=""):
+    """None when the fidelity drops are within the limits, else a one-line reason naming the setting.
+
+    Args:
+        metrics: measured fidelity metrics.
+        max_drop_pt: largest allowed drop of the overall fidelity, in points (None: not gated).
+        max_script_drop_pt: largest allowed drop of any script's fidelity (None: not gated).
+        reference_metrics: what the drop is measured from (None: the baseline, 1.0).
+        setting: the config key path named in the message (e.g. ``Compare.max_fidelity_drop``).
+    """
+    drops = fidelity_drops(metrics, reference_metrics)
+    failures = []
+    if max_drop_pt is not None and drops.get("fidelity", 0.0) > max_drop_pt + 1e-9:
+        failures.append(("fidelity", drops["fidelity"], max_drop_pt, setting))
+    if max_script_drop_pt is not None:
+        worst = max(((n, d) for n, d in drops.items() if n != "fidelity"), key=lambda item: item[1],
+                    default=None)
+        if worst is not None and worst[1] > max_script_drop_pt + 1e-9:
+            failures.append((worst[0], worst[1], max_script_drop_pt,
+                             setting.replace("max_fidelity_drop", "max_script_fidelity_drop")))
+    if not failures:
+        return None
+    return "; ".join(f"{name} {metrics[name]:.4f} is {drop:.2f} pt below "
+                     f"{'the baseline' if reference_metrics is None else 'the float model'}, more than the "
+                     f"{limit:g} pt of {where}" for name, drop, limit, where in failures)
+
+
+def summary(metrics):
+    """Short text for a stage's summary line, e.g. ``fidelity 0.962 (latin 0.95, cjk 0.97, mixed 0.96)``."""
+    if "fidelity" not in metrics:
+        return ""
+    parts = [f"{s} {metrics[f'fidelity_{s}']:.3f}" for s in SCRIPTS if f"fidelity_{s}" in metrics]
+    return f"fidelity {metrics['fidelity']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def list_images(folder):
+    """Image files under ``folder`` (recursively), sorted, relative to it."""
+    suffixes = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(suffixes):
+                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def strip_label_ops(transforms, task):
+    """A label-free copy of a PaddleOCR transform list: label encoders dropped, KeepKeys reduced to the image
+    (rec) or the image and its resize record (det)."""
+    keep = ["image"] if task == "rec" else ["image", "shape"]
+    out: List[Dict] = []
+    for op in transforms:
+        (name, args), = dict(op).items()
+        if name.endswith("LabelEncode"):
+            continue
+        if name == "KeepKeys":
+            args = {"keep_keys": keep}
+        out.append({name: dict(args) if args else args})
+    return out
+
+
+

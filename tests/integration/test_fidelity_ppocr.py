@@ -1,0 +1,54 @@
+"""Fidelity on the real PP-OCRv4 models: the baseline against itself is exactly 1.0 (through a rebuilt model),
+and perturbing one layer lowers it; a folder of unlabelled images is enough."""
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "ppocr_prune_quant.yml")
+
+
+def _model_and_task(name, overrides):
+    from compress.config import load_config
+    from compress.models import build_model
+    from compress.stages import stage_sections
+    from compress.tasks import make_task
+
+    cfg = load_config(CONFIG, overrides, stage_sections=stage_sections())
+    model_cfg = cfg.models[name]
+    weights = {k: v for k, v in vars(model_cfg.Weights).items() if v not in (None, False)}
+    return (lambda: build_model(dict(model_cfg.Architecture), weights, model_cfg.base_dir)), \
+        make_task(model_cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("name, folder, limit, noise_scale", [
+    ("rec", "rec/eval", 48, 0.5),
+    ("det", "det/eval", 3, 2.0),  # DB's maps shrug off smaller noise in one layer: their boxes stay put
+])
+def test_baseline_agrees_with_itself_and_a_perturbed_layer_lowers_it(demo_data, name, folder, limit, noise_scale):
+    from compress.fidelity import compute_reference, measure_fidelity
+    from compress.tasks import dygraph_predictor
+
+    # the labelled eval images stand in for a folder of unlabelled production images: only the images are read
+    overrides = [f"Models.{name}.Fidelity.data_dir={os.path.join(demo_data, folder)}",
+                 f"Models.{name}.Fidelity.label_file=null", f"Models.{name}.Fidelity.limit={limit}"]
+    build, task = _model_and_task(name, overrides)
+    reference = compute_reference(task, dygraph_predictor(build()))
+    assert len(reference.images) == limit and all(img.endswith(".jpg") for img in reference.images)
+    if name == "rec":
+        assert sum(1 for text in reference.outputs if text) >= 0.9 * limit  # the baseline reads these lines
+    else:
+        assert sum(len(page) for page in reference.outputs) >= 10
+
+    same = measure_fidelity(task, dygraph_predictor(build()), reference)  # a second, independently built model
+    assert same["fidelity"] == 1.0
+    if name == "rec":
+        assert same["fidelity_ned"] == 1.0
+
+    perturbed = build()
+    weights = dict(perturbed.named_parameters())["backbone.blocks4.0.pw_conv.reparam_conv.weight"]
+    noise = np.random.default_rng(0).standard_normal(weights.shape).astype("float32")
+    weights.set_value(weights.numpy() + noise_scale * noise * float(np.abs(weights.numpy()).mean()))
+    lowered = measure_fidelity(task, dygraph_predictor(perturbed), reference)
+    assert lowered["fidelity"] < 0.9, lowered
