@@ -667,6 +667,11 @@ def e2e_rows(det_variants, rec_variants, det_cfg, settings, limit=None, log=prin
     pages = read_e2e_pages(det_cfg, limit)
     systems = {_variant_key(d): build_ocr_system(d, r, settings.threads) for d, r in pairs}
     results = evaluate_systems(systems, pages, warmup=min(settings.warmup, 1))
+    if det_cfg.Fidelity is not None:
+        baseline_key = next(_variant_key(d) for d, _ in pairs if d.stage == "baseline")
+        agreement = e2e_agreement(systems, baseline_key, fidelity_pages(det_cfg), settings.show_progress)
+        for key, result in results.items():
+            result.update(agreement[key])
     rows = []
     for det, rec in pairs:
         result = results[_variant_key(det)]
@@ -678,9 +683,51 @@ def e2e_rows(det_variants, rec_variants, det_cfg, settings, limit=None, log=prin
                             latency_ms_p99=result["page_ms_p99"], throughput_ips=result["pages_per_s"],
                             throughput_batch=1, note="per page: det + crops + rec"))
         if settings.show_progress:
+            agreement = f" fidelity={result['fidelity']:.4f}" if "fidelity" in result else ""
             log(f"  compare e2e {_label(det)}: word_hmean={result['word_hmean']:.4f} "
-                f"CER={result['char_error_rate']:.4f} page p50={result['page_ms_p50']:.0f} ms")
+                f"CER={result['char_error_rate']:.4f}{agreement} page p50={result['page_ms_p50']:.0f} ms")
     return rows
+
+
+def fidelity_pages(det_cfg):
+    """Image paths of the det model's Fidelity split (unlabelled pages)."""
+    from compress.data.labels import read_image_list
+    from compress.fidelity import list_images
+
+    cfg = det_cfg.Fidelity
+    data_dir = det_cfg.path(cfg.data_dir)
+    if cfg.label_file:
+        paths = [str(p) for p in read_image_list(det_cfg.path(cfg.label_file), data_dir)]
+    else:
+        paths = [os.path.join(data_dir, name) for name in list_images(data_dir)]
+    return paths[:cfg.limit] if cfg.limit else paths
+
+
+def e2e_agreement(systems, baseline_key, paths, show_progress=True):
+    """End-to-end agreement with the baseline OCR system on unlabelled pages: the baseline system's lines are the
+    reference; each system is scored against them as against ground truth (:func:`page_scores`).
+
+    Returns:
+        key -> {``fidelity`` (word hmean vs the baseline's words), ``fidelity_line`` (share of the baseline's lines
+        read identically at the same place), ``fidelity_cer`` (character error rate vs the baseline's text),
+        ``fidelity_pages``}; the baseline system scores 1.0 against itself.
+    """
+    from tqdm import tqdm
+
+    from export.ocr_system import read_image
+
+    outputs = {key: [] for key in systems}
+    for path in tqdm(paths, desc="e2e fidelity", disable=not show_progress, leave=False):
+        image = read_image(path)
+        for key, system in systems.items():
+            outputs[key].append([(line.text, line.points) for line in system(image)])
+    out = {}
+    for key, pages in outputs.items():
+        scores = [page_scores(reference, page) for reference, page in zip(outputs[baseline_key], pages)]
+        total = summarize_scores(scores, [0.0] * len(scores)) if scores else {}
+        out[key] = {"fidelity": total.get("word_hmean", 1.0), "fidelity_line": total.get("line_accuracy", 1.0),
+                    "fidelity_cer": total.get("char_error_rate", 0.0), "fidelity_pages": len(scores)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------- runs

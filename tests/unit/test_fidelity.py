@@ -133,3 +133,26 @@ def test_image_folder_and_list(tmp_path):
     listing.write_text("missing.jpg\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"list\.txt:1: image .*missing\.jpg not found"):
         read_image_list(listing, tmp_path)
+
+
+def test_e2e_agreement_scores_systems_against_the_baseline_system(tmp_path):
+    import types
+
+    import cv2
+    import numpy as np
+
+    from compress.stages.compare import e2e_agreement
+
+    path = str(tmp_path / "page.jpg")
+    cv2.imwrite(path, np.full((20, 20, 3), 255, np.uint8))
+
+    def system(lines):
+        return lambda image: [types.SimpleNamespace(text=t, points=_box(*xy)) for t, xy in lines]
+
+    reference = [("Total 12.50", (0, 0)), ("欢迎光临", (0, 40))]
+    systems = {"base": system(reference), "same": system(reference),
+               "worse": system([("Total 12.5O", (0, 0)), ("欢迎光临", (0, 40))]), "blind": system([])}
+    result = e2e_agreement(systems, "base", [path, path], show_progress=False)
+    assert result["base"]["fidelity"] == result["same"]["fidelity"] == 1.0 and result["same"]["fidelity_cer"] == 0
+    assert result["worse"]["fidelity"] == pytest.approx(2 / 3) and result["worse"]["fidelity_line"] == 0.5
+    assert result["blind"]["fidelity"] == 0.0 and result["base"]["fidelity_pages"] == 2
