@@ -201,12 +201,16 @@ class FidelityConfig:
     transforms: Optional[List[Any]] = None  # null: the Eval transforms without their label operators
     batch_size: Optional[int] = None  # null: the Eval batch size
     limit: Optional[int] = None  # first N images (null: all)
+    # images measured by the stages before compare (prune, finetune, quant), spread evenly over the split; the
+    # compare stage always measures every image. null: all
+    stage_limit: Optional[int] = None
 
     def validate(self, where):
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"{where}.limit: must be >= 1 or null (all images), got {self.limit}")
+        for key in ("limit", "stage_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1 or null (all images), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -193,26 +193,40 @@ def compute_reference(task, predict):
     return FidelityReference(task.task, images, outputs)
 
 
-def measure_fidelity(task, predict, reference, desc=None):
+def subset_indices(count, limit):
+    """``limit`` indices spread evenly over ``range(count)`` (all of them when ``limit`` is None or >= count), so a
+    subset of a sorted folder still samples all of it."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()})
+
+
+def measure_fidelity(task, predict, reference, desc=None, limit=None):
     """Agreement of ``predict`` with ``reference`` on the same fidelity images.
+
+    Args:
+        limit: measure on this many images spread over the split (:func:`subset_indices`); None: all of them.
 
     Raises:
         CheckpointError: when the fidelity images changed since the reference was made.
     """
-    images, batches = task.fidelity_batches()
-    if images != reference.images:
+    indices = subset_indices(len(reference.images), limit)
+    images, batches = task.fidelity_batches(indices if len(indices) < len(reference.images) else None)
+    if images != [reference.images[i] for i in indices]:
         raise CheckpointError(f"{task.cfg.source_file}: Fidelity: the images differ from those the baseline's "
                               f"reference was made on ({len(images)} vs {len(reference.images)}); re-run the "
                               f"baseline stage (--rollback-to baseline)")
     outputs = decode_outputs(task, predict, batches, desc=desc or f"fidelity {task.task}",
                              show_progress=task.show_progress)
-    return agreement_of(reference, outputs)
+    return agreement_of(reference, outputs, indices)
 
 
-def agreement_of(reference, outputs):
-    """:func:`rec_agreement` or :func:`det_agreement` of ``outputs`` with a reference, by its task."""
+def agreement_of(reference, outputs, indices=None):
+    """:func:`rec_agreement` or :func:`det_agreement` of ``outputs`` with a reference (at ``indices`` of it), by
+    its task."""
+    expected = reference.outputs if indices is None else [reference.outputs[i] for i in indices]
     agreement = rec_agreement if reference.task == "rec" else det_agreement
-    return agreement(reference.outputs, outputs)
+    return agreement(expected, outputs)
 
 
 def fidelity_drops(metrics, reference_metrics=None, scripts=True):

@@ -101,18 +101,37 @@ class Task:
         for batch in self.batches(split, batch_size, limit):
             yield np.stack([s[0] for s in batch]).astype("float32")
 
-    def fidelity_batches(self):
+    def fidelity_batches(self, subset=None):
         """The Fidelity split, preprocessed and batched, cached: (image names, [(images NCHW, shapes or None)]).
 
         Images come from ``Fidelity.label_file`` (labels ignored) or from every image under ``Fidelity.data_dir``;
         they are read with ``Fidelity.transforms`` or, by default, the Eval transforms without label operators.
         Det batches hold one page each (pages differ in size) with its resize record for post-processing.
 
+        Args:
+            subset: keep only these indices of the split (``compress.fidelity.subset_indices``); None: all.
+
         Raises:
             InputError: when the model config has no Fidelity section, or the folder holds no image.
         """
-        if "fidelity" in self._cache:
-            return self._cache["fidelity"]
+        names, samples = self._fidelity_samples()
+        indices = range(len(samples)) if subset is None else subset
+        key = ("fidelity", tuple(indices))
+        if key not in self._cache:
+            chosen = [samples[i] for i in indices]
+            size = 1 if self.task == "det" else (self.cfg.Fidelity.batch_size or self.cfg.Eval.batch_size)
+            batches = []
+            for start in range(0, len(chosen), size):
+                chunk = chosen[start:start + size]
+                images = np.stack([s[0] for s in chunk]).astype("float32")
+                shapes = np.stack([s[1] for s in chunk]) if self.task == "det" else None
+                batches.append((images, shapes))
+            self._cache[key] = ([names[i] for i in indices], batches)
+        return self._cache[key]
+
+    def _fidelity_samples(self):
+        if "fidelity_samples" in self._cache:
+            return self._cache["fidelity_samples"]
         import os
 
         from ppocr.data.imaug import create_operators, transform
@@ -139,7 +158,6 @@ class Task:
         transforms = cfg.transforms if cfg.transforms is not None else strip_label_ops(self.cfg.Eval.transforms,
                                                                                         self.task)
         ops = create_operators(copy.deepcopy([dict(t) for t in transforms]), self.global_config)
-        size = 1 if self.task == "det" else (cfg.batch_size or self.cfg.Eval.batch_size)
         samples = []
         for path in tqdm(paths, desc=f"load {self.task} fidelity", disable=not self.show_progress, leave=False):
             with open(path, "rb") as f:
@@ -148,15 +166,9 @@ class Task:
                 raise InputError(f"{path}: rejected by the Fidelity transforms (unreadable image?); remove it "
                                  f"from {cfg.label_file or data_dir}")
             samples.append(result)
-        batches = []
-        for start in range(0, len(samples), size):
-            chunk = samples[start:start + size]
-            images = np.stack([s[0] for s in chunk]).astype("float32")
-            shapes = np.stack([s[1] for s in chunk]) if self.task == "det" else None
-            batches.append((images, shapes))
         names = [os.path.relpath(p, data_dir).replace(os.sep, "/") for p in paths]
-        self._cache["fidelity"] = (names, batches)
-        return self._cache["fidelity"]
+        self._cache["fidelity_samples"] = (names, samples)
+        return self._cache["fidelity_samples"]
 
     def example_input(self, batch=1):
         """A deterministic array of the config's example input shape, for tracing and FLOPs counting."""

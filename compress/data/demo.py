@@ -1,10 +1,15 @@
 """Deterministic synthetic OCR data in PaddleOCR's label formats, for demos and tests.
 
-``generate_demo_data`` renders document-like pages (detection) and cropped text lines
-(recognition) with the fonts found on the machine, degrades them (rotation, blur, noise,
-JPEG, textured backgrounds) and writes PaddleOCR ``SimpleDataSet`` label files. The same seed,
-counts and fonts give byte-identical label files and identical images, because every image
-draws its randomness from its own seed derived from (seed, task, split, index).
+``generate_demo_data`` renders document-like pages (detection) and cropped text lines (recognition) in Chinese,
+Latin and mixed scripts, with fonts shipped in pinned Python packages (``compress.data.fonts``), degrades them
+(rotation, blur, noise, JPEG, textured backgrounds) and writes PaddleOCR ``SimpleDataSet`` label files.
+
+Splits: ``train`` / ``eval`` / ``calib`` (labelled, about 40% Chinese, 35% Latin, 25% mixed lines), and
+``fidelity`` / ``unlabeled``, meant to be used without their labels: ``fidelity`` measures agreement with the
+baseline model and is never trained on, ``unlabeled`` feeds label-free distillation. Their rec lines contain every
+dictionary character that the fonts render at least ``COVERAGE_REPEATS`` times. The same seed, counts, dictionary
+and font packages give byte-identical label files and images, because every image draws its randomness from its
+own seed derived from (seed, task, split, index).
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import os
 import random
 import shutil
 import tempfile
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,25 +29,25 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from compress.data.fonts import INSTALL_HINT, FontFace, FontSet, load_font_set
+from compress.data.labels import load_charset
 from compress.errors import ConfigError, InputError
+from compress.fidelity import is_cjk_char
+from compress.ppocr_compat import resolve_path
 
 # Bump when the generator's output changes, so an existing data set is not mistaken for a new one.
-GENERATOR_VERSION = 2
-SPLITS = ("train", "eval", "calib")
+GENERATOR_VERSION = 3
+SPLITS = ("train", "eval", "calib", "fidelity", "unlabeled")
+COVERAGE_SPLITS = ("fidelity", "unlabeled")  # used without labels; rec lines cover the dictionary
 TASKS = ("det", "rec")
-DEFAULT_FONT_DIRS = (
-    Path("/usr/share/fonts"),
-    Path("/usr/local/share/fonts"),
-    Path.home() / ".fonts",
-    Path.home() / ".local/share/fonts",
-)
+DEFAULT_DICTIONARY = "rapidocr:ch_ppocr_rec/ppocr_keys_v1.txt"  # the shipped PP-OCRv4 "ch" rec dictionary
 MAX_TEXT_LEN = 25  # PP-OCR rec configs use max_text_length: 25; longer labels are dropped in training.
+COVERAGE_REPEATS = 3  # each renderable dictionary character appears at least this often in a coverage split
 IGNORE_TRANSCRIPTION = "###"
-
-_LATIN_FONT_PREFIXES = ("DejaVuSans", "DejaVuSerif", "LiberationSans", "LiberationSerif", "LiberationMono")
-_CJK_FONT_MARKERS = ("wqy", "notosanscjk", "notoserifcjk", "droidsansfallback", "sourcehan", "uming", "ukai")
-_FONT_SUFFIXES = (".ttf", ".ttc", ".otf")
-_MISSING_GLYPH = chr(0x10FFFD)  # a private-use code point no text font maps: renders as the "missing" box
+# Share of line kinds in every split; "cjk" lines hold no ASCII letter or digit, "mixed" lines hold both scripts.
+SCRIPT_MIX = (("cjk", 0.40), ("latin", 0.35), ("mixed", 0.25))
+_RARE_ROWS = 0.2  # det fidelity/unlabeled pages: share of rows made of random dictionary characters
+_NATURAL_SHARE = 0.25  # rec fidelity/unlabeled: share of ordinary (SCRIPT_MIX) lines before the coverage lines
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class DemoCounts:
     rec_train: int = 600
     rec_eval: int = 300
     rec_calib: int = 64
+    det_fidelity: int = 24
+    det_unlabeled: int = 32
+    rec_fidelity: int = 3000  # enough lines for every renderable character of the shipped dictionary, 3 times
+    rec_unlabeled: int = 3000
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -63,30 +72,8 @@ class DemoCounts:
                 raise ConfigError(f"DemoCounts.{field.name}={value!r}: must be a whole number >= 0")
 
     def of(self, task: str, split: str) -> int:
-        """Number of images for ``task`` ("det"/"rec") and ``split`` ("train"/"eval"/"calib")."""
+        """Number of images for ``task`` ("det"/"rec") and ``split`` (one of ``SPLITS``)."""
         return getattr(self, f"{task}_{split}")
-
-
-@dataclass(frozen=True)
-class FontSpec:
-    """A font file (and face index inside a collection) that can render the text it is used for."""
-
-    path: Path
-    index: int
-    name: str
-
-
-@dataclass(frozen=True)
-class DemoFonts:
-    """Fonts used for generation: several Latin faces and an optional CJK-capable one."""
-
-    latin: tuple[FontSpec, ...]
-    cjk: FontSpec | None
-
-    @property
-    def names(self) -> list[str]:
-        """Font names (family and style), as recorded in the manifest."""
-        return [font.name for font in self.latin] + ([self.cjk.name] if self.cjk else [])
 
 
 def generate_demo_data(
@@ -97,116 +84,62 @@ def generate_demo_data(
     *,
     force: bool = False,
     font_dirs: Sequence[str | Path] | None = None,
+    dictionary: str | Path = DEFAULT_DICTIONARY,
 ) -> dict:
     """Write the demo OCR data set to ``out_dir`` (atomically), or reuse an identical one.
 
-    Layout: ``det/{train,eval,calib}/*.jpg`` with ``det/{split}.txt`` (paths relative to ``out_dir/det``),
-    ``rec/{train,eval,calib}/*.jpg`` with ``rec/{split}.txt`` (relative to ``out_dir/rec``),
-    ``README.txt`` and ``manifest.json`` (seed, counts, fonts, sha256 of each label file).
+    Layout: ``det/{split}/*.jpg`` with ``det/{split}.txt`` (paths relative to ``out_dir/det``) and
+    ``rec/{split}/*.jpg`` with ``rec/{split}.txt`` (relative to ``out_dir/rec``) for every split in ``SPLITS``,
+    ``README.txt`` and ``manifest.json`` (seed, counts, fonts, dictionary, coverage, sha256 of each label file).
 
     Args:
         out_dir: Destination folder; it is replaced as a whole, never half-written.
         seed: Base random seed; each split uses its own seeds, so splits never share images.
         counts: Images per task and split.
-        show_progress: Show a tqdm progress bar.
+        show_progress: Show a tqdm progress bar and one coverage line per rec coverage split.
         force: Regenerate even if ``out_dir`` already holds a data set (the old one is removed). Without it,
             only a data set this function wrote with the same seed and counts but an older generator
             version is regenerated by itself: it is a stale cache, not user data.
-        font_dirs: Folders searched (recursively) for fonts; defaults to the usual system font folders.
+        font_dirs: Extra folders searched (recursively) for fonts, drawn with besides the packaged ones.
+        dictionary: Character dictionary (one character per line) whose characters the rec ``fidelity`` and
+            ``unlabeled`` lines must cover; ``rapidocr:`` paths resolve into the installed ``rapidocr_paddle``.
 
     Returns:
-        A dict with ``out_dir``, ``seed``, ``counts``, ``fonts``, ``label_files`` (``"det_train"`` ->
-        absolute path, ...) and ``generated`` (False when an identical data set was reused).
+        A dict with ``out_dir``, ``seed``, ``counts``, ``fonts``, ``coverage`` (per rec coverage split),
+        ``label_files`` (``"det_train"`` -> absolute path, ...) and ``generated`` (False when an identical data set
+        was reused).
 
     Raises:
         ConfigError: ``seed`` is not a whole number >= 0.
-        InputError: ``out_dir`` holds other data and ``force`` is False, its label files were
-            changed since generation, or no usable font was found.
+        InputError: ``out_dir`` holds other data and ``force`` is False, its label files were changed since
+            generation, the dictionary is unreadable, or a font package or file is missing.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r}: must be a whole number >= 0")
     out = Path(out_dir)
+    dictionary_path = Path(resolve_path(dictionary))
+    dictionary_sha256 = _sha256(dictionary_path) if dictionary_path.is_file() else None
     existing = _read_manifest(out)
-    if not force and existing is not None and _manifest_matches(existing, seed, counts):
+    if not force and existing is not None and _manifest_matches(existing, seed, counts, dictionary_sha256):
         _check_label_hashes(out, existing)
         return _summary(out, existing, generated=False)
     if not force and out.exists() and any(out.iterdir()) and not _is_older_demo_data(existing, seed, counts):
-        raise InputError(f"{out}: already holds other data (not this seed/counts/generator version); "
+        raise InputError(f"{out}: already holds other data (not this seed/counts/dictionary/generator version); "
                          "pass --force to replace it, or choose another --out")
-    fonts = find_fonts(font_dirs)
+    dictionary_chars = "".join(sorted(load_charset(dictionary_path, use_space_char=False)))
+    covers_dictionary = any(counts.of(task, split) for task in TASKS for split in COVERAGE_SPLITS)
+    fonts = load_font_set(set(VOCABULARY_CHARS) | set(dictionary_chars if covers_dictionary else ""), font_dirs or ())
+    dictionary_info = {"path": str(dictionary), "sha256": dictionary_sha256, "chars": len(dictionary_chars)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data set is meant to be shared
     try:
-        manifest = _write_dataset(tmp, seed, counts, fonts, show_progress)
+        manifest = _write_dataset(tmp, _Dataset(seed, counts, fonts, dictionary_chars, dictionary_info), show_progress)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _summary(out, manifest, generated=True)
-
-
-# --------------------------------------------------------------------------- fonts
-
-
-def find_fonts(font_dirs: Sequence[str | Path] | None = None) -> DemoFonts:
-    """Find Latin fonts (DejaVu/Liberation families) and one CJK-capable font, if any.
-
-    Args:
-        font_dirs: Folders searched recursively; defaults to the usual system font folders.
-
-    Returns:
-        The fonts, sorted by file name so generation does not depend on directory order.
-
-    Raises:
-        InputError: No Latin font that renders the demo texts was found.
-    """
-    dirs = [Path(d) for d in (font_dirs if font_dirs is not None else DEFAULT_FONT_DIRS)]
-    files = sorted({p for d in dirs if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in _FONT_SUFFIXES},
-                   key=lambda p: (p.name, str(p)))
-    latin = _unique_by_name(
-        spec for path in files if path.name.startswith(_LATIN_FONT_PREFIXES)
-        if (spec := _usable_font(path, 0, LATIN_CHARS)) is not None
-    )
-    if not latin:
-        searched = ", ".join(str(d) for d in dirs)
-        raise InputError(f"no DejaVu or Liberation font found under {searched}; "
-                         "install one (apt-get install fonts-dejavu-core) or pass font_dirs")
-    cjk_files = [p for p in files if any(marker in p.name.lower().replace("-", "") for marker in _CJK_FONT_MARKERS)]
-    cjk = next((spec for path in cjk_files if (spec := _usable_font(path, 0, CJK_CHARS)) is not None), None)
-    return DemoFonts(latin=tuple(latin), cjk=cjk)
-
-
-def _usable_font(path: Path, index: int, required_chars: str) -> FontSpec | None:
-    """The font if it loads and has a real glyph for every character in ``required_chars``."""
-    try:
-        font = ImageFont.truetype(str(path), 24, index=index, layout_engine=ImageFont.Layout.BASIC)
-    except OSError:
-        return None
-    missing = _glyph_signature(font, _MISSING_GLYPH)
-    if any(_glyph_signature(font, char) == missing for char in set(required_chars) - {" "}):
-        return None
-    family, style = font.getname()
-    return FontSpec(path=path, index=index, name=f"{family} {style}")
-
-
-def _glyph_signature(font: ImageFont.FreeTypeFont, char: str) -> tuple:
-    mask = font.getmask(char)
-    return mask.size, bytes(mask)
-
-
-def _unique_by_name(specs) -> list[FontSpec]:
-    """Drop duplicate faces (the same font installed twice); keeps the first by file name."""
-    seen: dict[str, FontSpec] = {}
-    for spec in specs:
-        seen.setdefault(spec.name, spec)
-    return list(seen.values())
-
-
-@lru_cache(maxsize=512)
-def _load_font(path: Path, index: int, size: int) -> ImageFont.FreeTypeFont:
-    # BASIC layout: raqm (when installed) may shape differently and break reproducibility across machines.
-    return ImageFont.truetype(str(path), size, index=index, layout_engine=ImageFont.Layout.BASIC)
 
 
 # --------------------------------------------------------------------------- text content
@@ -230,12 +163,36 @@ _CN_PHRASES = """发票号码 合计金额 欢迎光临 谢谢惠顾 收款员 �
 客户名称 订单编号 联系电话 联系地址 有限公司 北京市朝阳区 上海市浦东新区 广州市天河区 深圳市南山区 中国银行 营业时间
 停车场出口 注意安全 禁止吸烟 服务热线 请妥善保管小票 现金支付 找零 开票日期 收货地址 生产日期 保质期 产品说明书
 操作指南 会议纪要 项目预算 年度报告 第一季度 销售收入 净利润 办公室 仓库 配送中心 快递单号 图书馆 借阅日期 归还日期
-人民币 银行卡 手机号码 身份证号 学校 医院 药品 每日两次 饭后服用 温馨提示 出发时间 到达时间 座位号 检票口""".split()
-_CN_LABELS = ("合计", "金额", "日期", "单号", "电话", "数量", "单价", "编号", "时间", "座位")
-
-LATIN_CHARS = ("".join(sorted(set("".join(_WORDS + list(_LABELS) + list(_MONTHS) + list(_CODE_PREFIXES)))))
-               + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 $%#:-/.,@()+&*")
-CJK_CHARS = "".join(sorted(set("".join(_CN_PHRASES + list(_CN_LABELS)) + "年月日元：￥")))
+人民币 银行卡 手机号码 身份证号 学校 医院 药品 每日两次 饭后服用 温馨提示 出发时间 到达时间 座位号 检票口
+小心地滑 请排队等候 安全出口 营业中 欢迎下次光临 支持微信支付 凭票入场 限当日有效 请勿触摸 节约用水 爱护公物
+增值税专用发票 购买方 销售方 纳税人识别号 开户行及账号 价税合计 大写 校验码 机器编号 密码区 收款人 复核 开票人
+品名 产地 等级 净含量 配料表 储存条件 食用方法 生产许可证 执行标准 使用说明 注意事项 本品仅供参考
+市场部 财务部 人力资源部 技术中心 客户服务 质量检验 合格证 检验员 出厂日期 保修卡 维修记录 售后服务
+通知 公告 会议室 报名表 申请表 登记表 成绩单 课程表 考试时间 准考证号 教学楼 实验室 学生证 借书证
+门诊收费 挂号费 检查费 治疗费 药品费 住院号 科室 主治医师 处方 用法用量 一日三次 每次一片 遵医嘱
+乘车日期 车厢 候车室 登机牌 舱位 行李托运 到达站 始发站 中转 票价 改签 退票 乘客须知 旅客姓名""".split()
+_CN_LABELS = ("合计", "金额", "日期", "单号", "电话", "数量", "单价", "编号", "时间", "座位", "地址", "姓名", "型号",
+              "规格", "税率", "税额", "备注", "开票人", "收款人", "付款方式", "有效期", "批号", "车次", "房号", "会员号",
+              "发票代码", "发票号码", "订单号", "快递单号", "邮编", "传真", "网址", "邮箱", "客户", "品名", "单位")
+_CN_CITIES = ("北京市", "上海市", "广州市", "深圳市", "杭州市", "成都市", "武汉市", "南京市", "西安市", "重庆市",
+              "天津市", "苏州市", "长沙市", "郑州市", "青岛市", "厦门市", "沈阳市", "昆明市", "哈尔滨市", "福州市")
+_CN_DISTRICTS = ("朝阳区", "海淀区", "浦东新区", "天河区", "南山区", "西湖区", "武侯区", "江汉区", "鼓楼区", "雁塔区",
+                 "渝中区", "和平区", "高新区", "经济开发区", "滨江区", "黄浦区")
+_CN_ROADS = ("建国路", "中山路", "人民路", "解放路", "长安街", "南京路", "文一路", "科技园路", "滨江大道", "世纪大道",
+             "东风路", "学院路", "和平街", "新华路", "工业园路", "花园路")
+_CN_PRODUCTS = ("矿泉水", "纯牛奶", "全麦面包", "红富士苹果", "香蕉", "东北大米", "食用油", "洗衣液", "抽纸", "牙膏",
+                "充电器", "数据线", "笔记本", "圆珠笔", "速溶咖啡", "绿茶", "可乐", "鸡蛋", "猪肉", "白菜", "酸奶",
+                "饼干", "口罩", "电池", "洗发水", "保温杯", "雨伞", "拖鞋", "毛巾", "橙汁", "方便面", "火腿肠")
+_CN_UNITS = ("件", "个", "盒", "瓶", "袋", "箱", "包", "支", "台", "斤", "公斤", "张", "份", "次", "套")
+_CN_INDUSTRIES = ("科技", "贸易", "电子", "食品", "物流", "餐饮", "文化传媒", "建筑工程", "医药", "信息技术", "商贸")
+_CN_NAME_WORDS = ("华强", "东方", "新世纪", "金桥", "长城", "远航", "宏达", "恒信", "天润", "正泰", "博雅", "星辰")
+_CN_SURNAMES = "张王李赵刘陈杨黄周吴徐孙马朱胡郭何林高罗郑梁谢宋唐许邓冯韩曹曾彭萧蔡潘田董袁于余叶蒋杜苏魏程吕丁沈任姚卢傅钟"
+_CN_GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰涛明超秀英华平刚桂兰玉萍建国红霞志鹏宇浩然欣怡子涵梓轩晨阳佳琪"
+_CN_NUMERALS = "〇一二三四五六七八九"
+_CN_BRACKETS = (("【", "】"), ("《", "》"), ("「", "」"), ("（", "）"), ("“", "”"))
+_CN_SUFFIXES = ("有限公司", "路", "街", "大厦", "小区", "店", "中心", "广场", "村", "镇", "站", "馆")
+_WATERMARKS = ("COPY", "DRAFT", "SAMPLE", "PAID", "VOID", "CONFIDENTIAL", "样本", "副本", "已付款", "作废")
+_LATIN_MIXED_WORDS = ("Welcome", "WiFi", "VIP", "APP", "USB", "CEO", "LOGO", "Email", "QQ", "PM2.5", "ATM", "GPS")
 
 
 def _styled(text: str, rng: random.Random) -> str:
@@ -302,16 +259,9 @@ def _text_label_value(rng: random.Random) -> str:
     return f"{label}: {value}" if rng.random() < 0.8 else f"{label} {value}"
 
 
-def _text_chinese(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.45:
-        return "".join(rng.choice(_CN_PHRASES) for _ in range(rng.randint(1, 2)))
-    label = rng.choice(_CN_LABELS + tuple(_CN_PHRASES[:12]))
-    if kind < 0.65:
-        return f"{label}：{rng.randint(1998, 2030)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日"
-    if kind < 0.85:
-        return f"{label}：￥{rng.uniform(1, 9999):.2f}" if rng.random() < 0.5 else f"{label}：{rng.randint(1, 999)}元"
-    return f"{label}：{_text_code(rng)}"
+def _text_latin(rng: random.Random) -> str:
+    makers, weights = zip(*_LATIN_TEXTS)
+    return rng.choices(makers, weights)[0](rng)
 
 
 _LATIN_TEXTS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
@@ -320,18 +270,129 @@ _LATIN_TEXTS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
 )
 
 
-def _random_text(rng: random.Random, chinese: bool) -> str:
-    """One text line of at most ``MAX_TEXT_LEN`` characters."""
+def _cn_number(value: int) -> str:
+    """Digits spelled with Chinese numerals, as in dates written out (2024 -> 二〇二四)."""
+    return "".join(_CN_NUMERALS[int(digit)] for digit in str(value))
+
+
+def _cn_count(value: int) -> str:
+    """1..99 in Chinese numerals, as in months and days (12 -> 十二, 31 -> 三十一)."""
+    tens, ones = divmod(value, 10)
+    return ((_CN_NUMERALS[tens] if tens > 1 else "") + "十" if tens else "") + (_CN_NUMERALS[ones] if ones else "")
+
+
+def _cn_name(rng: random.Random) -> str:
+    return rng.choice(_CN_SURNAMES) + "".join(rng.choice(_CN_GIVEN) for _ in range(rng.randint(1, 2)))
+
+
+def _cn_company(rng: random.Random) -> str:
+    return f"{rng.choice(_CN_CITIES)[:-1]}{rng.choice(_CN_NAME_WORDS)}{rng.choice(_CN_INDUSTRIES)}有限公司"
+
+
+def _text_cjk(rng: random.Random) -> str:
+    """A Chinese line without ASCII letters or digits: phrases, fields with Chinese values, addresses, names."""
+    kind = rng.random()
+    if kind < 0.3:
+        joiner = rng.choice(("", "", "，", "、", " "))
+        text = joiner.join(rng.choice(_CN_PHRASES) for _ in range(rng.randint(1, 3)))
+        return text + rng.choice(("", "", "。", "！")) if joiner == "，" else text
+    if kind < 0.5:
+        value = rng.choice((_cn_name, _cn_company, lambda r: r.choice(_CN_PRODUCTS),
+                            lambda r: r.choice(_CN_CITIES) + r.choice(_CN_DISTRICTS)))(rng)
+        return f"{rng.choice(_CN_LABELS)}：{value}"
+    if kind < 0.62:
+        return f"{rng.choice(_CN_CITIES)}{rng.choice(_CN_DISTRICTS)}{rng.choice(_CN_ROADS)}"
+    if kind < 0.72:
+        return f"{_cn_number(rng.randint(1998, 2030))}年{_cn_count(rng.randint(1, 12))}月{_cn_count(rng.randint(1, 31))}日"
+    if kind < 0.84:
+        opening, closing = rng.choice(_CN_BRACKETS)
+        return f"{opening}{rng.choice(_CN_PHRASES)}{closing}{rng.choice(('', rng.choice(_CN_PHRASES)))}"
+    if kind < 0.92:
+        return _cn_company(rng)
+    return f"{rng.choice(_CN_PRODUCTS)}{_cn_count(rng.randint(1, 20))}{rng.choice(_CN_UNITS)}"
+
+
+def _text_mixed(rng: random.Random) -> str:
+    """A Chinese line with Latin letters or digits: prices, dates and times, codes, phone numbers, addresses."""
+    label = rng.choice(_CN_LABELS)
+    year, month, day = rng.randint(1998, 2030), rng.randint(1, 12), rng.randint(1, 28)
+    clock = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
+    return rng.choice((
+        lambda: f"{rng.choice(('合计', '金额', '单价', '实付', '应收', '价税合计'))}：{rng.choice('¥￥')}{rng.uniform(1, 9999):.2f}",
+        lambda: f"{label}：{rng.randint(1, 999)}元",
+        lambda: f"{year}年{month}月{day}日" + (f" {clock}" if rng.random() < 0.5 else ""),
+        lambda: f"{rng.choice(('日期', '开票日期', '有效期至', '生产日期'))}：{year}-{month:02d}-{day:02d}",
+        lambda: f"{rng.choice(('订单号', '单号', '编号', '发票代码', '批号'))}：{_text_code(rng)}",
+        lambda: f"{rng.choice(('电话', '联系电话', '服务热线'))}：0{rng.randint(10, 999)}-{rng.randint(1000000, 99999999)}",
+        lambda: f"手机：1{rng.randint(30, 99)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}",
+        lambda: f"{rng.choice(_CN_CITIES)}{rng.choice(_CN_DISTRICTS)}{rng.choice(_CN_ROADS)}{rng.randint(1, 999)}号",
+        lambda: f"{rng.choice(_CN_ROADS)}{rng.randint(1, 300)}号{rng.randint(1, 30)}栋{rng.randint(101, 2808)}室",
+        lambda: f"{rng.choice(_CN_PRODUCTS)} {rng.randint(1, 12)}{rng.choice(_CN_UNITS)} x{rng.randint(1, 9)}",
+        lambda: f"{rng.choice(_CN_PRODUCTS)}{rng.choice((250, 330, 500, 550, 1000))}ml",
+        lambda: f"{rng.choice(_CN_PRODUCTS)} {rng.uniform(1, 500):.2f}",
+        lambda: f"第{rng.randint(1, 9)}页 共{rng.randint(10, 99)}页",
+        lambda: f"{rng.choice(('税率', '折扣', '增长率'))}：{rng.randint(1, 30)}%",
+        lambda: f"型号：{rng.choice('ABCDEFGHKMNPRSTXZ')}{rng.choice('ABCDEFGHKMNPRSTXZ')}-{rng.randint(10, 9999)}",
+        lambda: f"{rng.choice(_CN_PHRASES)} {rng.choice(_LATIN_MIXED_WORDS)}",
+        lambda: f"{rng.choice(_LATIN_MIXED_WORDS)}{rng.choice(_CN_PHRASES)}",
+        lambda: f"温度：{rng.randint(-20, 40)}℃",
+        lambda: f"{rng.choice(_CN_NUMERALS[1:])}楼{rng.randint(1, 30)}号窗口",
+        lambda: f"满{rng.choice((50, 100, 200, 300))}减{rng.choice((5, 10, 20, 30))}",
+        lambda: f"{rng.choice(_CN_PHRASES)}（{_styled(rng.choice(_WORDS), rng)}）",
+    ))()
+
+
+_TEXT_MAKERS: dict[str, Callable[[random.Random], str]] = {"cjk": _text_cjk, "latin": _text_latin, "mixed": _text_mixed}
+
+
+def _natural_text(rng: random.Random, kind: str) -> str:
+    """One text line of ``kind`` ("cjk", "latin" or "mixed") of at most ``MAX_TEXT_LEN`` characters."""
     while True:
-        if chinese:
-            text = _text_chinese(rng)
-        else:
-            makers, weights = zip(*_LATIN_TEXTS)
-            text = rng.choices(makers, weights)[0](rng)
+        text = _TEXT_MAKERS[kind](rng)
         if 0 < len(text) <= MAX_TEXT_LEN:
             return text
 
 
+def _carrier_text(rng: random.Random, chunk: str) -> list[str]:
+    """Lines around ``chunk`` (characters to show) shaped like fields, addresses, names or headings, in random order.
+
+    The bare chunk comes last, as the fallback when no face renders the others.
+    """
+    room = MAX_TEXT_LEN - len(chunk)
+    half = len(chunk) // 2
+    options = [chunk, chunk[:half] + rng.choice("，、 ") + chunk[half:]] if half else [chunk]
+    if room >= 3:
+        opening, closing = rng.choice(_CN_BRACKETS)
+        options += [f"{rng.choice(_CN_LABELS)[:room - 1]}：{chunk}", f"{chunk}{rng.choice(_CN_SUFFIXES)[:room]}",
+                    f"{opening}{chunk}{closing}"]
+    if room >= 6:
+        options += [f"{chunk}{rng.randint(1, 99)}{rng.choice(_CN_UNITS)}", f"{chunk}{rng.randint(1, 999)}号",
+                    f"{chunk} {rng.choice('¥￥')}{rng.randint(1, 999)}"]
+    rng.shuffle(options)
+    return [text for text in options if len(text) <= MAX_TEXT_LEN] + [chunk]
+
+
+def _symbol_carrier_text(rng: random.Random, chunk: str) -> list[str]:
+    """Lines that could hold ``chunk`` (symbols, accented or fullwidth letters), best first; the bare chunk last."""
+    options = [f"{rng.choice(_CN_LABELS)}：{chunk}{rng.randint(1, 99)}", f"{rng.choice(_CN_PHRASES)}{chunk}",
+               f"{_styled(rng.choice(_WORDS), rng)} {chunk} {rng.randint(1, 999)}", f"{chunk}{_text_number(rng)}",
+               f"{rng.choice(_LABELS)}: {chunk}"]
+    rng.shuffle(options)
+    return [text for text in options if len(text) <= MAX_TEXT_LEN] + [chunk]
+
+
+def _vocabulary_chars() -> str:
+    words = (_WORDS + list(_LABELS) + list(_MONTHS) + list(_CODE_PREFIXES) + _CN_PHRASES + list(_CN_LABELS)
+             + list(_CN_CITIES) + list(_CN_DISTRICTS) + list(_CN_ROADS) + list(_CN_PRODUCTS) + list(_CN_UNITS)
+             + list(_CN_INDUSTRIES) + list(_CN_NAME_WORDS) + list(_CN_SUFFIXES) + list(_LATIN_MIXED_WORDS)
+             + list(_WATERMARKS)
+             + [_CN_SURNAMES, _CN_GIVEN, _CN_NUMERALS] + ["".join(pair) for pair in _CN_BRACKETS])
+    templates = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 $%#:-/.,@()+&*" \
+                "年月日元：￥¥号栋室页共楼窗口满减型温度℃十，、。！x实付应收价税合计增长率手机联系服务热线开票有效期至生产批"
+    return "".join(sorted(set("".join(words) + templates)))
+
+
+VOCABULARY_CHARS = _vocabulary_chars()  # every character the ordinary (non-coverage) lines can contain
 # --------------------------------------------------------------------------- drawing
 
 
@@ -410,12 +471,22 @@ class _RenderedLine:
     quad: np.ndarray  # 4 x 2 float, tl, tr, br, bl in canvas pixels
 
 
-def _render_line(text: str, font: ImageFont.FreeTypeFont, angle_deg: float) -> _RenderedLine:
+@dataclass(frozen=True)
+class _Pen:
+    """A face at one size, and an outline width that thickens its strokes (a faux bold; 0 = none)."""
+
+    font: ImageFont.FreeTypeFont
+    stroke: int = 0
+
+
+def _render_line(text: str, pen: _Pen, angle_deg: float) -> _RenderedLine:
     """Draw ``text`` white-on-black, rotate it by ``angle_deg`` (counter-clockwise), track its box."""
-    left, top, right, bottom = font.getbbox(text)
+    font = pen.font
+    left, top, right, bottom = font.getbbox(text, stroke_width=pen.stroke)
     pad = 2 + font.size // 4
     canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=255, font=font)
+    ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=255, font=font, stroke_width=pen.stroke,
+                                stroke_fill=255)
     margin = 1 + font.size // 16  # annotated boxes hug the ink with a pixel or two to spare
     quad = np.array([[pad - margin, pad - margin], [canvas.width - pad + margin, pad - margin],
                      [canvas.width - pad + margin, canvas.height - pad + margin],
@@ -479,21 +550,56 @@ def _save_jpeg(pixels: np.ndarray, path: Path, quality: int) -> None:
 # --------------------------------------------------------------------------- samples
 
 
-class _FontPicker:
-    """Chooses a font and the text to draw with it (Chinese only when a CJK font exists)."""
+class _TextSource:
+    """Draws the text lines of one split and, for each, a face that renders every character of it."""
 
-    def __init__(self, fonts: DemoFonts) -> None:
-        self.fonts = fonts
+    def __init__(self, fonts: FontSet, rare_chars: str = "") -> None:
+        """``rare_chars``: when given, about ``_RARE_ROWS`` of the lines are runs of these characters."""
+        self.fonts, self.rare_chars = fonts, rare_chars
+        self.kinds, self.weights = zip(*SCRIPT_MIX)
 
-    def pick(self, rng: random.Random, size: int) -> tuple[str, ImageFont.FreeTypeFont]:
-        chinese = self.fonts.cjk is not None and rng.random() < 0.3
-        spec = self.fonts.cjk if chinese else rng.choice(self.fonts.latin)
-        return _random_text(rng, chinese), _load_font(spec.path, spec.index, size)
+    def text(self, rng: random.Random) -> str:
+        """An ordinary line (``SCRIPT_MIX``), or sometimes a run of rare characters."""
+        if self.rare_chars and rng.random() < _RARE_ROWS:
+            run = "".join(rng.choice(self.rare_chars) for _ in range(rng.randint(2, 10)))
+            return _carrier_text(rng, run)[0]
+        return _natural_text(rng, rng.choices(self.kinds, self.weights)[0])
+
+    def renderable_text(self, rng: random.Random) -> str:
+        """A line from ``text`` that some face renders (lines with a dictionary's odd characters are redrawn)."""
+        for _attempt in range(100):
+            text = self.text(rng)
+            if self.fonts.faces_for(text):
+                return text
+        raise InputError(f"no font renders the demo texts; reinstall the pinned requirements: {INSTALL_HINT}")
+
+    def pen(self, text: str, rng: random.Random, size: int) -> _Pen:
+        """A random face among those that render ``text`` (family first, so designs get equal turns)."""
+        face = self.face(text, rng)
+        if face is None:
+            raise InputError(f"no font renders the demo text {text!r}; "
+                             f"reinstall the pinned requirements: {INSTALL_HINT}")
+        # Some lines in faux bold: headings and totals are bold, and only the Latin families ship a Bold face.
+        stroke = 1 if size >= 20 and "Bold" not in face.name and rng.random() < 0.12 else 0
+        return _Pen(face.load(size), stroke)
+
+    def face(self, text: str, rng: random.Random) -> FontFace | None:
+        """A face that renders ``text``: a random family among those that can, then a random face of it."""
+        faces = self.fonts.faces_for(text)
+        if not faces:
+            return None
+        family = rng.choice(sorted({face.family for face in faces}))
+        return rng.choice([face for face in faces if face.family == family])
+
+    def pick(self, rng: random.Random, size: int) -> tuple[str, _Pen]:
+        """A line and a pen that draws it."""
+        text = self.renderable_text(rng)
+        return text, self.pen(text, rng, size)
 
 
-def _make_det_page(seed: int, picker: _FontPicker) -> tuple[np.ndarray, int, list[dict]]:
+def _make_det_page(seed: int, source: _TextSource) -> tuple[np.ndarray, int, list[dict]]:
     """One document page: returns (uint8 RGB image, JPEG quality, PaddleOCR det boxes)."""
-    page = _PageLayout(seed, picker)
+    page = _PageLayout(seed, source)
     page.fill()
     image, quads = _rotate_page(page.image, page.quads, page.angle)
     height, width = image.shape[:2]
@@ -506,8 +612,8 @@ class _PageLayout:
 
     MIN_LINES, MAX_LINES = 4, 12
 
-    def __init__(self, seed: int, picker: _FontPicker) -> None:
-        self.rng, self.rand, self.picker = np.random.default_rng(seed), random.Random(seed), picker
+    def __init__(self, seed: int, source: _TextSource) -> None:
+        self.rng, self.rand, self.source = np.random.default_rng(seed), random.Random(seed), source
         height, width = int(self.rng.integers(560, 736)), int(self.rng.integers(560, 736))
         self.image = _background(height, width, self.rng)
         self.style = _draw_style(self.rng, hardness=2.4)
@@ -571,8 +677,8 @@ class _PageLayout:
     def _fitting_line(self, size: int, max_width: int) -> tuple[str, _RenderedLine] | None:
         """A random text at about ``size`` px, slightly tilted, at most ``max_width`` wide (None if none fits)."""
         for attempt in range(8):
-            text, font = self.picker.pick(self.rand, size)
-            line = _render_line(text, font, float(self.rng.uniform(-1.0, 1.0)))
+            text, pen = self.source.pick(self.rand, size)
+            line = _render_line(text, pen, float(self.rng.uniform(-1.0, 1.0)))
             if line.alpha.shape[1] <= max_width:
                 return text, line
             if attempt % 2:
@@ -582,8 +688,8 @@ class _PageLayout:
     def _draw_footnote(self, y_free: int) -> None:
         """A tiny, faint line marked "###": PaddleOCR excludes such boxes from the metric."""
         height, width = self.image.shape[:2]
-        text, font = self.picker.pick(self.rand, int(self.rng.integers(9, 13)))
-        line = _render_line(text, font, 0.0)
+        text, pen = self.source.pick(self.rand, int(self.rng.integers(9, 13)))
+        line = _render_line(text, pen, 0.0)
         line_h, line_w = line.alpha.shape
         y = height - self.margin // 2 - line_h
         if line_w >= width - 2 * self.margin or y < y_free:
@@ -598,10 +704,12 @@ class _PageLayout:
         would silently ignore the real text lines crossing the watermark.
         """
         height, width = self.image.shape[:2]
-        spec = self.rand.choice(self.picker.fonts.latin)
-        word = self.rand.choice(("COPY", "DRAFT", "SAMPLE", "PAID", "VOID", "CONFIDENTIAL"))
+        word = self.rand.choice(_WATERMARKS)
+        face = self.source.face(word, self.rand)
+        if face is None:
+            return
         angle = float(self.rng.uniform(20, 40)) * (1 if self.rng.random() < 0.5 else -1)
-        line = _render_line(word, _load_font(spec.path, spec.index, int(self.rng.integers(60, 100))), angle)
+        line = _render_line(word, _Pen(face.load(int(self.rng.integers(60, 100)))), angle)
         scale = min(1.0, 0.9 * width / line.alpha.shape[1], 0.9 * height / line.alpha.shape[0])
         if scale < 1.0:
             line = _RenderedLine(cv2.resize(line.alpha, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA),
@@ -708,13 +816,19 @@ def _det_box(text: str, quad: np.ndarray, width: int, height: int) -> dict:
     return {"transcription": text, "points": clipped.tolist()}
 
 
-def _make_rec_line(seed: int, picker: _FontPicker) -> tuple[np.ndarray, int, str]:
-    """One cropped text line 32-64 px high: returns (uint8 RGB image, JPEG quality, label)."""
+def _make_rec_line(seed: int, source: _TextSource, text: str | None = None) -> tuple[np.ndarray, int, str]:
+    """One cropped text line 32-64 px high: returns (uint8 RGB image, JPEG quality, label).
+
+    ``text``: the line to draw (coverage splits plan their texts); None draws one from ``source``.
+    """
     rng, rand = np.random.default_rng(seed), random.Random(seed)
     target_h = int(rng.integers(32, 65))
     size = max(int(target_h * rng.uniform(0.5, 0.8)), 10)
-    text, font = picker.pick(rand, size)
-    line = _render_line(text, font, float(rng.uniform(-2.5, 2.5)) if rng.random() < 0.5 else 0.0)
+    if text is None:
+        text, pen = source.pick(rand, size)
+    else:
+        pen = source.pen(text, rand, size)
+    line = _render_line(text, pen, float(rng.uniform(-2.5, 2.5)) if rng.random() < 0.5 else 0.0)
     (ink_left, ink_top), (ink_right, ink_bottom) = line.quad.min(axis=0), line.quad.max(axis=0)
     extra_h = max(target_h - (ink_bottom - ink_top), 2)
     top = int(ink_top - extra_h * rng.uniform(0.3, 0.7))
@@ -724,17 +838,17 @@ def _make_rec_line(seed: int, picker: _FontPicker) -> tuple[np.ndarray, int, str
     coverage = np.zeros((crop_h, crop_w), dtype=np.float32)
     _paste_max(coverage, line.alpha, -left, -top)
     if rng.random() < 0.4:
-        _bleed_neighbour_line(coverage, picker, rand, rng, size, ink_top - top, top + crop_h - ink_bottom)
+        _bleed_neighbour_line(coverage, source, rand, rng, size, ink_top - top, top + crop_h - ink_bottom)
     style = _draw_style(rng, hardness=2.6)  # whole lines of large text: needs more damage to be hard
     image = _background(crop_h, crop_w, rng)
     _composite(image, _RenderedLine(coverage, line.quad), 0, 0, style.text_rgb)
     return _degrade(image, style, rng), style.jpeg_quality, text
 
 
-def _bleed_neighbour_line(coverage, picker, rand, rng, size, space_above: float, space_below: float) -> None:
+def _bleed_neighbour_line(coverage, source, rand, rng, size, space_above: float, space_below: float) -> None:
     """Show the edge of the line above or below, as in crops cut from a real page by a detector."""
-    text, font = picker.pick(rand, size)
-    neighbour = _render_line(text, font, 0.0)
+    text, pen = source.pick(rand, size)
+    neighbour = _render_line(text, pen, 0.0)
     ink_top, ink_bottom = neighbour.quad[:, 1].min(), neighbour.quad[:, 1].max()
     x = int(rng.integers(-neighbour.alpha.shape[1] // 2, max(coverage.shape[1] // 2, 1)))
     if space_above >= space_below and space_above >= 4:
@@ -763,49 +877,159 @@ def _sample_seed(seed: int, task: str, split: str, index: int) -> int:
     return int(sequence.generate_state(1, dtype=np.uint64)[0])
 
 
-def _write_dataset(root: Path, seed: int, counts: DemoCounts, fonts: DemoFonts, show_progress: bool) -> dict:
-    picker = _FontPicker(fonts)
+def _plan_seed(seed: int, task: str, split: str) -> int:
+    """Seed of a split's text plan; the spawn key keeps it apart from every image seed."""
+    sequence = np.random.SeedSequence([seed, TASKS.index(task), SPLITS.index(split)], spawn_key=(1,))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How a rec coverage split covers the dictionary."""
+
+    dictionary_chars: int
+    renderable_chars: int  # dictionary characters that some face draws with ink (not spaces, not missing glyphs)
+    covered_chars: int  # renderable characters appearing at least COVERAGE_REPEATS times
+    lines: int
+    lines_needed: int  # lines the split needs for every renderable character
+
+    def describe(self, split: str) -> str:
+        """One line, e.g. ``fidelity: 6,621 of 6,623 dictionary chars renderable, each >= 3 times, 2,800 lines``."""
+        head = f"{split}: {self.renderable_chars:,} of {self.dictionary_chars:,} dictionary chars renderable"
+        if self.covered_chars == self.renderable_chars:
+            return f"{head}, each >= {COVERAGE_REPEATS} times, {self.lines:,} lines"
+        return (f"{head}, {self.covered_chars:,} of them >= {COVERAGE_REPEATS} times "
+                f"({self.lines_needed:,} lines needed for all), {self.lines:,} lines")
+
+
+def coverage_texts(rng: random.Random, count: int, fonts: FontSet, dictionary_chars: str) -> tuple[list[str], Coverage]:
+    """The text lines of a rec coverage split: every renderable dictionary character at least COVERAGE_REPEATS times.
+
+    About ``_NATURAL_SHARE`` of the lines are ordinary lines (``SCRIPT_MIX``); the characters they leave short are
+    placed into Chinese fields, names and addresses (ideographs, kana) or into short Latin or Chinese lines
+    (symbols, fullwidth and accented letters), each line built from characters that one face renders together.
+    Lines beyond what coverage needs are ordinary lines; with fewer than needed, coverage lines are left out
+    (the returned coverage says how many characters fell short).
+
+    Returns:
+        ``count`` lines in random order, and the coverage they reach.
+    """
+    source = _TextSource(fonts)
+    natural = [source.renderable_text(rng) for _ in range(round(count * _NATURAL_SHARE))]
+    seen = Counter(char for text in natural for char in text)
+    renderable = fonts.renderable(dictionary_chars)
+    needed = [char for char in renderable for _ in range(max(COVERAGE_REPEATS - seen[char], 0))]
+    rng.shuffle(needed)
+    carriers = []
+    for queue, sizes, make in ((deque(c for c in needed if is_cjk_char(c)), (6, 14), _carrier_text),
+                               (deque(c for c in needed if not is_cjk_char(c)), (1, 3), _symbol_carrier_text)):
+        while queue:
+            chunk = _take_compatible(queue, rng.randint(*sizes), fonts)
+            carriers.append(next((text for text in make(rng, chunk) if fonts.faces_for(text)), chunk))
+    lines_needed = len(natural) + len(carriers)
+    natural += [source.renderable_text(rng) for _ in range(count - lines_needed)]
+    texts = natural + carriers[:count - len(natural)]
+    rng.shuffle(texts)
+    seen = Counter(char for text in texts for char in text)
+    covered = sum(seen[char] >= COVERAGE_REPEATS for char in renderable)
+    return texts, Coverage(dictionary_chars=len(dictionary_chars), renderable_chars=len(renderable),
+                           covered_chars=covered, lines=len(texts), lines_needed=lines_needed)
+
+
+def _take_compatible(queue: deque, size: int, fonts: FontSet) -> str:
+    """Up to ``size`` different characters from the front of ``queue`` that one face renders together."""
+    taken: list[str] = []
+    skipped: list[str] = []
+    while queue and len(taken) < size and len(skipped) < 64:
+        char = queue.popleft()
+        if char in taken or not fonts.faces_for("".join(taken) + char):
+            skipped.append(char)
+        else:
+            taken.append(char)
+    queue.extendleft(reversed(skipped))
+    return "".join(taken)
+
+
+class _Dataset:
+    """What one data set is made of: seed, counts, fonts, dictionary; gives each split its texts."""
+
+    def __init__(self, seed: int, counts: DemoCounts, fonts: FontSet, dictionary_chars: str, dictionary: dict) -> None:
+        self.seed, self.counts, self.fonts, self.dictionary = seed, counts, fonts, dictionary
+        self.dictionary_chars = dictionary_chars
+        rare = "".join(char for char in fonts.renderable(dictionary_chars) if is_cjk_char(char))
+        self.labelled_source, self.coverage_source = _TextSource(fonts), _TextSource(fonts, rare_chars=rare)
+
+    def split_plan(self, task: str, split: str) -> tuple[_TextSource, list[str] | None, Coverage | None]:
+        """The text source of a split, and for rec coverage splits the planned lines and their coverage."""
+        if split not in COVERAGE_SPLITS:
+            return self.labelled_source, None, None
+        if task == "det":
+            return self.coverage_source, None, None
+        rng = random.Random(_plan_seed(self.seed, task, split))
+        texts, coverage = coverage_texts(rng, self.counts.of(task, split), self.fonts, self.dictionary_chars)
+        return self.labelled_source, texts, coverage
+
+
+def _write_dataset(root: Path, data: _Dataset, show_progress: bool) -> dict:
+    counts = data.counts
     total = sum(counts.of(task, split) for task in TASKS for split in SPLITS)
-    label_hashes = {}
+    label_hashes, coverage = {}, {}
     with tqdm(total=total, desc="demo data", unit="img", disable=not show_progress) as progress:
         for task in TASKS:
             for split in SPLITS:
+                source, texts, split_coverage = data.split_plan(task, split)
                 lines = []
                 (root / task / split).mkdir(parents=True)
                 for index in range(counts.of(task, split)):
                     relative = f"{split}/{split}_{index:05d}.jpg"
                     lines.append(_write_sample(root / task / relative, relative, task,
-                                               _sample_seed(seed, task, split, index), picker))
+                                               _sample_seed(data.seed, task, split, index), source,
+                                               None if texts is None else texts[index]))
                     progress.update(1)
                 label_path = root / task / f"{split}.txt"
                 label_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
                 label_hashes[f"{task}/{split}.txt"] = _sha256(label_path)
-    manifest = {"generator": "compress.data.demo", "generator_version": GENERATOR_VERSION, "seed": seed,
-                "counts": asdict(counts), "fonts": fonts.names, "label_files_sha256": label_hashes}
-    (root / "README.txt").write_text(_readme(seed, counts, fonts), encoding="utf-8")
+                if split_coverage is not None and counts.of(task, split):
+                    coverage[f"{task}/{split}"] = asdict(split_coverage)
+                    if show_progress:
+                        progress.write(split_coverage.describe(f"{task} {split}"))
+    manifest = {"generator": "compress.data.demo", "generator_version": GENERATOR_VERSION, "seed": data.seed,
+                "counts": asdict(counts), "fonts": data.fonts.names, "font_packages": dict(data.fonts.packages),
+                "dictionary": data.dictionary, "coverage": coverage, "label_files_sha256": label_hashes}
+    (root / "README.txt").write_text(_readme(manifest), encoding="utf-8")
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
-def _write_sample(path: Path, relative: str, task: str, sample_seed: int, picker: _FontPicker) -> str:
+def _write_sample(path: Path, relative: str, task: str, sample_seed: int, source: _TextSource,
+                  text: str | None = None) -> str:
     if task == "det":
-        pixels, quality, boxes = _make_det_page(sample_seed, picker)
+        pixels, quality, boxes = _make_det_page(sample_seed, source)
         label = json.dumps(boxes, ensure_ascii=False)
     else:
-        pixels, quality, label = _make_rec_line(sample_seed, picker)
+        pixels, quality, label = _make_rec_line(sample_seed, source, text)
     _save_jpeg(pixels, path, quality)
     return f"{relative}\t{label}"
 
 
-def _readme(seed: int, counts: DemoCounts, fonts: DemoFonts) -> str:
+def _readme(manifest: dict) -> str:
     return (
         "Synthetic OCR demo data made by compress.data.demo.generate_demo_data (tools/make_demo_data.py).\n"
         "Not real documents: rendered text on textured backgrounds with rotation, blur, noise and JPEG loss,\n"
-        "meant for demos, smoke tests and calibration of PP-OCR compression, not for judging a model.\n\n"
-        "det/{train,eval,calib}.txt  PaddleOCR detection labels: img_path\\t[{\"transcription\", \"points\"}...]\n"
-        "                            (paths relative to det/; \"###\" marks boxes to ignore)\n"
-        "rec/{train,eval,calib}.txt  PaddleOCR recognition labels: img_path\\ttext (paths relative to rec/)\n\n"
-        f"seed: {seed}\ncounts: {json.dumps(asdict(counts))}\nfonts: {', '.join(fonts.names)}\n"
+        "meant for demos, smoke tests and calibration of PP-OCR compression, not for judging a model.\n"
+        "Lines are about 40% Chinese, 35% Latin and 25% mixed (Chinese with Latin letters or digits).\n\n"
+        "det/{split}.txt  PaddleOCR detection labels: img_path\\t[{\"transcription\", \"points\"}...]\n"
+        "                 (paths relative to det/; \"###\" marks boxes to ignore)\n"
+        "rec/{split}.txt  PaddleOCR recognition labels: img_path\\ttext (paths relative to rec/)\n\n"
+        "train, eval, calib: labelled splits (fine-tuning, evaluation, quantization calibration).\n"
+        "fidelity:  images to compare a compressed model with the baseline without labels; never trained on.\n"
+        "unlabeled: train-side images for label-free distillation (no image in common with fidelity).\n"
+        f"           Their rec lines hold every dictionary character the fonts render, >= {COVERAGE_REPEATS} times.\n"
+        "           Their label files are there for checks; the images alone are enough.\n\n"
+        f"seed: {manifest['seed']}\ncounts: {json.dumps(manifest['counts'])}\n"
+        f"dictionary: {manifest['dictionary']['path']} ({manifest['dictionary']['chars']} chars)\n"
+        f"fonts: {', '.join(manifest['fonts'])}\n"
+        f"font packages: {', '.join(f'{name}=={version}' for name, version in manifest['font_packages'].items())}\n"
         "manifest.json records the sha256 of every label file.\n"
     )
 
@@ -835,15 +1059,19 @@ def _read_manifest(out: Path) -> dict | None:
         raise InputError(f"{path}: unreadable manifest ({exc}); pass --force to regenerate the data") from None
 
 
-def _manifest_matches(manifest: dict, seed: int, counts: DemoCounts) -> bool:
+def _manifest_matches(manifest: dict, seed: int, counts: DemoCounts, dictionary_sha256: str | None) -> bool:
     return (manifest.get("generator_version") == GENERATOR_VERSION and manifest.get("seed") == seed
-            and manifest.get("counts") == asdict(counts))
+            and manifest.get("counts") == asdict(counts)
+            and (manifest.get("dictionary") or {}).get("sha256") == dictionary_sha256)
 
 
 def _is_older_demo_data(manifest: dict | None, seed: int, counts: DemoCounts) -> bool:
-    return (manifest is not None and manifest.get("generator") == "compress.data.demo"
-            and manifest.get("generator_version") != GENERATOR_VERSION
-            and manifest.get("seed") == seed and manifest.get("counts") == asdict(counts))
+    """Data this generator wrote in an older version with the same seed and counts (older versions had fewer)."""
+    if manifest is None or manifest.get("generator") != "compress.data.demo":
+        return False
+    wanted = asdict(counts)
+    return (manifest.get("generator_version") != GENERATOR_VERSION and manifest.get("seed") == seed
+            and all(wanted.get(name) == value for name, value in (manifest.get("counts") or {}).items()))
 
 
 def _check_label_hashes(out: Path, manifest: dict) -> None:
@@ -860,6 +1088,7 @@ def _summary(out: Path, manifest: dict, generated: bool) -> dict:
         "seed": manifest["seed"],
         "counts": dict(manifest["counts"]),
         "fonts": list(manifest["fonts"]),
+        "coverage": {key: Coverage(**value) for key, value in manifest.get("coverage", {}).items()},
         "label_files": {f"{task}_{split}": str((out / task / f"{split}.txt").resolve())
                         for task in TASKS for split in SPLITS},
         "generated": generated,

@@ -34,11 +34,13 @@ def fidelity_reference(ctx):
 
 
 def fidelity_metrics(ctx, predict, desc=None):
-    """Agreement of ``predict`` with the baseline on the Fidelity split (empty dict without one)."""
+    """Agreement of ``predict`` with the baseline on the Fidelity split, on its ``stage_limit`` images spread over
+    it (empty dict without a Fidelity split)."""
     reference = fidelity_reference(ctx)
     if reference is None:
         return {}
-    return measure_fidelity(ctx.task, predict, reference, desc=desc or f"fidelity {ctx.model_name}")
+    return measure_fidelity(ctx.task, predict, reference, desc=desc or f"fidelity {ctx.model_name}",
+                            limit=ctx.model_cfg.Fidelity.stage_limit)
 
 
 @dataclass(frozen=True)

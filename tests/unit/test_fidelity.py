@@ -156,3 +156,12 @@ def test_e2e_agreement_scores_systems_against_the_baseline_system(tmp_path):
     assert result["base"]["fidelity"] == result["same"]["fidelity"] == 1.0 and result["same"]["fidelity_cer"] == 0
     assert result["worse"]["fidelity"] == pytest.approx(2 / 3) and result["worse"]["fidelity_line"] == 0.5
     assert result["blind"]["fidelity"] == 0.0 and result["base"]["fidelity_pages"] == 2
+
+
+def test_subset_indices_spread_over_the_split():
+    from compress.fidelity import subset_indices
+
+    assert subset_indices(10, None) == list(range(10)) and subset_indices(10, 50) == list(range(10))
+    assert subset_indices(10, 4) == [0, 3, 6, 9]
+    chosen = subset_indices(3000, 600)
+    assert len(chosen) == 600 and chosen[0] == 0 and chosen[-1] == 2999
