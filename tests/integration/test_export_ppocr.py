@@ -99,3 +99,26 @@ def test_infer_reads_a_demo_page(export_run, backend, tmp_path):
     drawn = cv2.imread(str(tmp_path / "eval_00000_ocr.png"))
     page = cv2.imread(os.path.join(ROOT, PAGE))
     assert drawn.shape == (page.shape[0], 2 * page.shape[1], 3)  # boxes left, text right
+
+
+def test_fidelity_crops_from_pages_read_like_the_label_lines(export_run, tmp_path):
+    """tools/make_fidelity_crops.py: the baseline det's lines on two pages become a rec Fidelity folder."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_fidelity_crops import main, make_crops
+
+    from compress.fidelity import list_images
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name in ("eval_00000.jpg", "eval_00001.jpg"):
+        (pages / name).write_bytes(open(os.path.join(ROOT, "data", "demo", "det", "eval", name), "rb").read())
+    det = os.path.join(export_run[0]["det"], "fp32")
+    out = tmp_path / "crops"
+    info = make_crops(det, str(pages), str(out), show_progress=False)
+    truth = len([b for n in ("eval_00000.jpg", "eval_00001.jpg") for b in _label_words(n)])
+    assert info["pages"] == 2 and abs(info["crops"] - truth) <= 0.3 * truth, (info, truth)
+    listed = (out / "crops.txt").read_text(encoding="utf-8").splitlines()
+    assert len(listed) == info["crops"] == len(list_images(str(out)))
+    assert {line.split("\t")[1] for line in listed} == {"eval_00000.jpg", "eval_00001.jpg"}
+    assert main(["--det", det, "--pages", str(pages), "--out", str(out), "--quiet"]) == 2  # exists, no --force
+    assert main(["--det", det, "--pages", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
