@@ -9,6 +9,7 @@ seen, in any number of worker processes.
 import contextlib
 import hashlib
 import logging
+import os
 import random
 
 import numpy as np
@@ -63,9 +64,10 @@ class TransformDataset(paddle.io.Dataset):
         task: a ``compress.tasks.Task`` (gives the label reader and ppocr's global config, e.g. the dictionary).
         split_cfg: a ``compress.config.DatasetConfig`` (usually the model config's ``Train`` section).
         seed: base seed of the augmentation.
+        records: ``[(image_path, label)]`` to use instead of reading ``split_cfg.label_file``.
     """
 
-    def __init__(self, task, split_cfg, seed=0):
+    def __init__(self, task, split_cfg, seed=0, records=None):
         super().__init__()
         ensure_ppocr()
         from ppocr.data.imaug import create_operators
@@ -73,7 +75,7 @@ class TransformDataset(paddle.io.Dataset):
         self.split_cfg = split_cfg
         self.seed = seed
         self.epoch = 0
-        records = task.read_labels(split_cfg)
+        records = task.read_labels(split_cfg) if records is None else list(records)
         if split_cfg.limit is not None:
             records = records[:split_cfg.limit]
         if not records:
@@ -180,8 +182,12 @@ def make_train_loader(task, split_cfg, batch_size=None, seed=0, num_workers=0):
         :func:`start_epoch` before iterating each epoch.
     """
     dataset = TransformDataset(task, split_cfg, seed=seed)
-    sampler = EpochBatchSampler(dataset, batch_size or split_cfg.batch_size, seed=seed,
-                                num_replicas=paddle.distributed.get_world_size(),
+    return dataset_loader(dataset, batch_size or split_cfg.batch_size, seed, num_workers)
+
+
+def dataset_loader(dataset, batch_size, seed=0, num_workers=0):
+    """A resumable DataLoader over a :class:`TransformDataset` (see :func:`make_train_loader`)."""
+    sampler = EpochBatchSampler(dataset, batch_size, seed=seed, num_replicas=paddle.distributed.get_world_size(),
                                 rank=paddle.distributed.get_rank())
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, return_list=True)
 
@@ -201,3 +207,99 @@ def start_epoch(loader, epoch, start_batch=0):
         sampler.set_epoch(epoch, start_batch)
         return True
     return False
+
+
+# ------------------------------------------------------------------------------------------------ unlabeled images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# PP-OCR operators that read or make labels; dropped from the Train list for images without labels
+_LABEL_OPS = ("DetLabelEncode", "CTCLabelEncode", "MultiLabelEncode", "AttnLabelEncode", "SARLabelEncode",
+              "NRTRLabelEncode", "MakeBorderMap", "MakeShrinkMap", "IaaAugment")
+
+
+def label_free_transforms(transforms):
+    """A Train transform list without its label operators, keeping only the image.
+
+    The label encoders, DB's map makers and ``IaaAugment`` (which moves the text polygons) are dropped;
+    ``EastRandomCropData`` (a crop around the text boxes) becomes a resize to its crop size, so images still batch;
+    ``KeepKeys`` keeps ``image`` alone.
+    """
+    out = []
+    for op in transforms:
+        name, args = next(iter(dict(op).items()))
+        if name in _LABEL_OPS:
+            continue
+        if name == "EastRandomCropData":
+            out.append({"DetResizeForTest": {"image_shape": list((args or {}).get("size", [640, 640]))}})
+        elif name == "KeepKeys":
+            out.append({"KeepKeys": {"keep_keys": ["image"]}})
+        else:
+            out.append({name: args})
+    return out
+
+
+def unlabeled_records(data_dir, label_file=None, limit=None, where="unlabeled"):
+    """``[(image_path, None)]`` from a label file's first column (paths relative to ``data_dir``) or, without a
+    label file, every image in ``data_dir`` (sorted by name)."""
+    if label_file:
+        try:
+            with open(label_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError as exc:
+            raise InputError(f"{where}.label_file: cannot read {label_file} ({exc.strerror})") from None
+        root = data_dir or os.path.dirname(label_file)
+        paths = [os.path.join(root, line.split("\t", 1)[0]) for line in lines if line.strip()]
+    else:
+        if not data_dir or not os.path.isdir(data_dir):
+            raise InputError(f"{where}.data_dir: {data_dir} is not a folder; give a folder of images or a label_file")
+        paths = [os.path.join(data_dir, n) for n in sorted(os.listdir(data_dir))
+                 if n.lower().endswith(IMAGE_SUFFIXES)]
+    paths = paths[:limit] if limit else paths
+    if not paths:
+        raise InputError(f"{where}: no images in {label_file or data_dir}; add images or fix the path")
+    return [(p, None) for p in paths]
+
+
+class UnlabeledDataset(TransformDataset):
+    """Images without labels through a label-free transform list; items are ``(image,)``.
+
+    Args:
+        task: a ``compress.tasks.Task`` (ppocr's global config).
+        records: ``[(image_path, None)]`` (see :func:`unlabeled_records`).
+        transforms: the transform list (see :func:`label_free_transforms`).
+        seed: augmentation seed.
+        where: the config key path named in errors.
+    """
+
+    def __init__(self, task, records, transforms, seed=0, where="unlabeled"):
+        from compress.config import DatasetConfig
+
+        split = DatasetConfig(data_dir="", label_file=where, transforms=list(transforms))
+        super().__init__(task, split, seed=seed, records=records)
+
+
+class UnlabeledStream:
+    """The unlabeled images appended to training step ``step``: a pure function of (seed, step), so a resumed run
+    sees the same images. Every pass over the images is shuffled anew and re-augmented.
+
+    Args:
+        dataset: an :class:`UnlabeledDataset`.
+        batch_size: images per step.
+        seed: shuffle and augmentation seed.
+    """
+
+    def __init__(self, dataset, batch_size, seed=0):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def images(self, step):
+        """The images of ``step`` as one float32 array [batch_size, C, H, W]."""
+        count = len(self.dataset)
+        per_pass = max(count // self.batch_size, 1)
+        epoch, batch = divmod(step, per_pass)
+        order = np.resize(np.random.default_rng([self.seed, 104729, epoch]).permutation(count),
+                          per_pass * self.batch_size)
+        self.dataset.set_epoch(epoch)
+        picked = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        return np.stack([self.dataset[int(i)][0] for i in picked]).astype("float32")

@@ -11,9 +11,11 @@ from typing import Literal, Optional
 
 from compress.errors import ConfigError, InputError
 from compress.stages.base import Stage, StageResult, register_stage
-from finetune.data import make_train_loader
+from finetune.data import (UnlabeledDataset, UnlabeledStream, dataset_loader, label_free_transforms,
+                           make_train_loader, unlabeled_records)
 from finetune.trainer import (DistillConfig, OptimizerConfig, TaskEvaluator, TaskTrainConfig,  # noqa: F401
-                              TeacherDistillation, TrainConfig, Trainer, build_task_loss, copy_weights)
+                              TeacherDistillation, TrainConfig, Trainer, UnlabeledConfig, build_task_loss,
+                              copy_weights)
 
 # Weight decay of PaddleOCR's PP-OCRv4 training configs (Optimizer.regularizer: L2), used when none is set.
 DEFAULT_WEIGHT_DECAY = {"det": 5e-6, "rec": 3e-5}
@@ -76,16 +78,36 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
     task = ctx.task
     if cfg.optimizer.weight_decay is None:
         cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task.task)))
-    loader = make_train_loader(task, split, cfg.batch_size, seed=ctx.global_cfg.seed, num_workers=cfg.num_workers)
+    seed = ctx.global_cfg.seed
+    batch_size = cfg.batch_size or split.batch_size
+    unlabeled = unlabeled_dataset(cfg.unlabeled, split, ctx, seed, f"{section}.unlabeled")
+    if unlabeled is not None and cfg.unlabeled.mode == "only":
+        loader = dataset_loader(unlabeled, batch_size, seed=seed, num_workers=cfg.num_workers)
+    else:
+        loader = make_train_loader(task, split, batch_size, seed=seed, num_workers=cfg.num_workers)
     distill = None
     if cfg.distill.enabled:
-        distill = TeacherDistillation(make_teacher(), task.task, cfg.distill.kind, cfg.distill.weight)
+        distill = TeacherDistillation(make_teacher(), task.task, cfg.distill, threads=ctx.global_cfg.threads)
     evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} eval {ctx.model_name}")
     trainer = Trainer(model, build_task_loss(task.task, cfg.loss, where=f"{section}.loss"), loader, cfg,
-                      evaluator, work_dir, distill, seed=ctx.global_cfg.seed)
+                      evaluator, work_dir, distill, seed=seed)
+    if unlabeled is not None and cfg.unlabeled.mode == "mix":
+        trainer.unlabeled = UnlabeledStream(unlabeled, max(int(round(batch_size * cfg.unlabeled.ratio)), 1), seed)
     trainer.show_progress = ctx.global_cfg.show_progress
     trainer.section = section
     return trainer
+
+
+def unlabeled_dataset(ucfg, split, ctx, seed, where):
+    """The :class:`~finetune.data.UnlabeledDataset` of an ``unlabeled`` section (None when it names no images);
+    paths are relative to the model config, transforms default to the Train ones without their label operators."""
+    if not ucfg.enabled:
+        return None
+    data_dir = ctx.model_cfg.path(ucfg.data_dir) if ucfg.data_dir else None
+    label_file = ctx.model_cfg.path(ucfg.label_file) if ucfg.label_file else None
+    records = unlabeled_records(data_dir, label_file, ucfg.limit, where)
+    transforms = ucfg.transforms if ucfg.transforms is not None else label_free_transforms(split.transforms)
+    return UnlabeledDataset(ctx.task, records, transforms, seed=seed, where=where)
 
 
 @register_stage

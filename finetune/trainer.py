@@ -10,6 +10,7 @@ weights) through a temporary directory and an atomically replaced pointer file, 
 last save. Randomness is a function of (seed, epoch, step): the shuffle order and augmentation come from
 :mod:`finetune.data`, dropout is re-seeded every step, so a resumed run repeats the uninterrupted one.
 """
+import contextlib
 import json
 import logging
 import math
@@ -65,15 +66,25 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation from the frozen baseline (teacher): det on the probability maps, rec on the CTC outputs."""
+    """Distillation from the frozen baseline (teacher): det on the probability maps, rec on the per-frame CTC
+    distributions, optionally plus feature mimicking of the backbone / neck outputs (which pruning keeps)."""
 
     enabled: bool = False
-    kind: Literal["kl", "l2"] = "kl"
-    weight: float = 1.0
+    kind: Literal["kl", "l2"] = "kl"  # det: binary KL (BCE up to a constant) / MSE; rec: KL / squared error per frame
+    weight: float = 1.0  # weight of the output term
+    temperature: float = 1.0  # rec: softens both distributions (KL scaled by T^2); det: unused
+    features: List[Literal["backbone", "neck"]] = ()  # outputs mimicked (MSE, per-channel normalised by the teacher)
+    feature_weight: float = 1.0  # weight of the feature term (features listed)
+    runtime: Literal["inference", "dygraph"] = "inference"  # teacher run by Paddle Inference (oneDNN) or dygraph
 
     def validate(self, where):
-        if self.weight < 0:
-            raise ConfigError(f"{where}.weight: must be >= 0, got {self.weight}")
+        for key in ("weight", "feature_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+        if len(set(self.features)) != len(self.features):
+            raise ConfigError(f"{where}.features: lists a layer twice: {list(self.features)}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class TrainConfig:
     patience: Optional[int] = 3  # stop after this many evaluations without improvement; null: never
     save_every: Optional[int] = None  # steps between progress saves; null: at every evaluation
     distill: DistillConfig = DistillConfig()
+    label_loss_weight: float = 1.0  # weight of PP-OCR's loss on the labels; 0: learn from the teacher alone
+    fast_cpu_ops: bool = True  # faster formulations of conv biases / affine blocks (finetune.fast_ops)
 
     def validate(self, where):
         if self.epochs < 1:
@@ -103,6 +116,35 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key}: must be >= 1 or null, got {value}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.label_loss_weight < 0:
+            raise ConfigError(f"{where}.label_loss_weight: must be >= 0, got {self.label_loss_weight}")
+        if self.label_loss_weight == 0 and not self.distill.enabled:
+            raise ConfigError(f"{where}.label_loss_weight: 0 leaves nothing to learn from; set "
+                              f"{where}.distill.enabled: true or a label_loss_weight > 0")
+
+
+@dataclass(frozen=True)
+class UnlabeledConfig:
+    """Images without labels for distillation: a folder of images, or a label file whose labels are ignored."""
+
+    data_dir: Optional[str] = None  # the folder (every image in it) or the root of label_file's image paths
+    label_file: Optional[str] = None  # PaddleOCR label file: only the image path column is read
+    ratio: float = 1.0  # mix: unlabeled images per Train image in each batch
+    mode: Literal["mix", "only"] = "mix"  # only: batches of unlabeled images alone (the Train split is not read)
+    transforms: Optional[List[Any]] = None  # null: the Train transforms without their label operators
+    limit: Optional[int] = None
+
+    @property
+    def enabled(self):
+        return self.data_dir is not None or self.label_file is not None
+
+    def validate(self, where):
+        if self.ratio <= 0:
+            raise ConfigError(f"{where}.ratio: must be > 0, got {self.ratio}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit: must be >= 1 or null, got {self.limit}")
+        if self.mode == "only" and not self.enabled:
+            raise ConfigError(f"{where}.mode: only needs {where}.data_dir or {where}.label_file")
 
 
 @dataclass(frozen=True)
@@ -113,9 +155,12 @@ class TaskTrainConfig(TrainConfig):
     batch_size: Optional[int] = None  # per process; null: the Train split's batch_size
     num_workers: int = 0  # DataLoader worker processes
     loss: Dict[str, Any] = field(default_factory=dict)  # ppocr loss keys; default DBLoss (det) / CTCLoss (rec)
+    unlabeled: UnlabeledConfig = UnlabeledConfig()
 
     def validate(self, where):
         super().validate(where)
+        if self.unlabeled.mode == "only" and self.unlabeled.enabled and self.label_loss_weight > 0:
+            raise ConfigError(f"{where}.unlabeled.mode: only trains without labels; set {where}.label_loss_weight: 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
         if self.num_workers < 0:
@@ -222,39 +267,160 @@ class TaskEvaluator:
 
 
 class TeacherDistillation:
-    """Distillation loss from a frozen teacher (evaluated in inference mode).
+    """Distillation loss from a frozen teacher, usable without labels.
 
-    det: the student's shrink map (channel 0 of DBHead's training output) against the teacher's probability map,
-    as a per-pixel binary KL divergence or a mean squared error. rec: the student's CTC logits (softmax) against the
-    teacher's per-frame probabilities, as KL(teacher || student) summed over classes, or the squared error summed
-    over classes; both averaged over frames.
+    Output term, det: the student's shrink map (channel 0 of DBHead's training output) against the teacher's
+    probability map, as a per-pixel binary KL divergence (BCE minus the teacher's entropy) or a mean squared error.
+    rec: per frame, the student's CTC distribution (softmax of the logits) against the teacher's, as KL(teacher ||
+    student) summed over classes, or the squared error summed over classes; averaged over frames. With a temperature
+    T both distributions are softened (teacher p^(1/T), renormalised; student softmax(logits / T)) and the KL is
+    scaled by T^2 (Hinton et al.), so its gradients keep their size.
+
+    Feature term (``features``: ``backbone`` and/or ``neck``, the outputs of the model's backbone / neck, which
+    filter pruning keeps at their channel counts): the squared difference divided by the teacher's per-channel
+    variance over the batch (channels: axis 1 of NCHW maps, the last axis of sequences), averaged, so layers of
+    different scale weigh alike (MiR-style mimicking of the unpruned teacher).
+
+    The teacher runs in inference mode, either as dygraph under ``no_grad`` or (``runtime="inference"``, faster on
+    CPU) as a Paddle Inference predictor built from a ``paddle.jit.save`` of it (oneDNN; outputs equal to dygraph to
+    about 1e-5).
 
     Args:
         teacher: the frozen model (e.g. the baseline); put in eval mode and excluded from gradients.
         task: "det" or "rec".
-        kind: "kl" or "l2".
-        weight: multiplier of the distillation term in the total loss.
+        config: a :class:`DistillConfig` (``enabled`` is not read).
+        threads: CPU threads of the inference predictor.
     """
 
-    def __init__(self, teacher, task, kind="kl", weight=1.0):
+    def __init__(self, teacher, task, config=None, threads=1):
         if task not in ("det", "rec"):
             raise ConfigError(f"distill: no distillation for task '{task}'; use det or rec")
+        config = config or DistillConfig()
         self.teacher = teacher
         self.task = task
-        self.kind = kind
-        self.weight = weight
+        self.config = config
+        self.kind, self.weight, self.temperature = config.kind, config.weight, config.temperature
+        self.features = tuple(config.features)
+        self.threads = threads
+        self.last_terms = {}
+        self._student_features = {}
+        self._hooks = []
+        self._predictor = None
+        self._graph = _TeacherGraph(teacher, self.features)
         teacher.eval()
         for param in teacher.parameters():
             param.stop_gradient = True
 
+    def attach(self, student):
+        """Capture the student's feature outputs (forward hooks on its ``backbone`` / ``neck``)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for name in self.features:
+            layer = getattr(student, name, None)
+            if not isinstance(layer, paddle.nn.Layer):
+                raise ConfigError(f"distill.features: the student has no '{name}' layer; use "
+                                  f"{' / '.join(n for n in ('backbone', 'neck') if hasattr(student, n)) or 'none'}")
+
+            def keep(layer_, inputs, output, name=name):
+                self._student_features[name] = output
+            self._hooks.append(layer.register_forward_post_hook(keep))
+
+    def teacher_outputs(self, images):
+        """The teacher's [output, *features] for a batch (tensors without gradients)."""
+        if self.config.runtime == "dygraph":
+            with paddle.no_grad():
+                return [t.detach() for t in self._graph(images)]
+        if self._predictor is None:
+            self._predictor = self._build_predictor(images)
+        arrays = self._predictor.run({self._predictor.input_names[0]: images.numpy()})
+        return [paddle.to_tensor(a) for a in arrays]
+
+    def _build_predictor(self, images):
+        import tempfile
+
+        from export.predictor import DeployConfig, create_predictor
+
+        shape = list(images.shape)
+        # rec lines keep their height; widths (and det sizes) vary
+        spec_shape = [None, shape[1], shape[2] if self.task == "rec" else None, None]
+        spec = paddle.static.InputSpec(spec_shape, "float32", "x")
+        with tempfile.TemporaryDirectory(prefix="teacher-") as folder:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                paddle.jit.save(self._graph, os.path.join(folder, "teacher"), input_spec=[spec])
+            predictor = create_predictor(folder, DeployConfig(threads=self.threads))
+        return predictor
+
     def __call__(self, student_out, images):
-        with paddle.no_grad():
-            target = self.teacher(images)
-        if isinstance(target, dict):
-            target = target["maps"]
+        targets = self.teacher_outputs(images)
         if self.task == "det":
-            return self.weight * _map_distance(student_out["maps"][:, :1], target, self.kind)
-        return self.weight * _sequence_distance(student_out, target, self.kind)
+            out_term = _map_distance(student_out["maps"][:, :1], targets[0], self.kind)
+        else:
+            out_term = _sequence_distance(student_out, targets[0], self.kind, temperature=self.temperature)
+        loss = self.weight * out_term
+        self.last_terms = {"distill": out_term}
+        if self.features:
+            teacher_feats = targets[1:]
+            student_feats = [t for name in self.features for t in _flat(self._student_features.pop(name, None))]
+            if len(student_feats) != len(teacher_feats):
+                raise TrainingError("distill.features: the student's feature outputs were not captured; call "
+                                    "TeacherDistillation.attach(student) before training")
+            terms = []
+            for index, (s_feat, t_feat) in enumerate(zip(student_feats, teacher_feats)):
+                if list(s_feat.shape) != list(t_feat.shape):
+                    raise ConfigError(f"distill.features: output {index} of {list(self.features)} has shape "
+                                      f"{list(s_feat.shape)} in the student but {list(t_feat.shape)} in the teacher; "
+                                      f"mimic a layer whose channels pruning keeps (e.g. neck)")
+                terms.append(_feature_distance(s_feat, t_feat))
+            feature_term = paddle.add_n(terms) / len(terms)
+            self.last_terms["features"] = feature_term
+            loss = loss + self.config.feature_weight * feature_term
+        return loss
+
+
+class _TeacherGraph(paddle.nn.Layer):
+    """A PP-OCR model's inference output followed by its backbone / neck outputs (flattened), as one list."""
+
+    def __init__(self, model, features):
+        super().__init__()
+        self.model = model
+        self.features = tuple(features)
+
+    def forward(self, x):
+        model = self.model
+        if not self.features:
+            out = model(x)
+            return [out["maps"] if isinstance(out, dict) else out]
+        feats = []
+        if model.use_transform:
+            x = model.transform(x)
+        x = model.backbone(x)
+        if "backbone" in self.features:
+            feats += _flat(x)
+        if model.use_neck:
+            x = model.neck(x)
+        if "neck" in self.features:
+            feats += _flat(x)
+        out = model.head(x)
+        return [out["maps"] if isinstance(out, dict) else out] + feats
+
+
+def _flat(value):
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return [value]
+
+
+def _feature_distance(student, teacher, eps=1e-6):
+    axis = 1 if teacher.ndim == 4 else teacher.ndim - 1
+    reduce_axes = [a for a in range(teacher.ndim) if a != axis]
+    variance = paddle.var(teacher, axis=reduce_axes, keepdim=True, unbiased=False)
+    return paddle.mean(paddle.square(student - teacher) / (variance + eps))
 
 
 def _map_distance(student_prob, teacher_prob, kind, eps=1e-6):
@@ -265,15 +431,20 @@ def _map_distance(student_prob, teacher_prob, kind, eps=1e-6):
     return paddle.mean(t * paddle.log(t / s) + (1 - t) * paddle.log((1 - t) / (1 - s)))
 
 
-def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8):
+def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8, temperature=1.0):
+    """Per-frame distance of the student's CTC distribution to the teacher's, averaged over (batch, frames)."""
     if isinstance(student_logits, (list, tuple)):
         student_logits = student_logits[-1]
+    if temperature != 1.0:
+        # softmax(teacher_logits / T) from the teacher's probabilities: p^(1/T), renormalised
+        teacher_prob = paddle.nn.functional.softmax(paddle.log(teacher_prob + eps) / temperature, axis=-1)
+        student_logits = student_logits / temperature
     if kind == "l2":
         diff = paddle.nn.functional.softmax(student_logits, axis=-1) - teacher_prob
         return paddle.mean(paddle.sum(paddle.square(diff), axis=-1))
     log_student = paddle.nn.functional.log_softmax(student_logits, axis=-1)
     kl = teacher_prob * (paddle.log(teacher_prob + eps) - log_student)
-    return paddle.mean(paddle.sum(kl, axis=-1))
+    return paddle.mean(paddle.sum(kl, axis=-1)) * (temperature * temperature)
 
 
 def build_optimizer(model, config, total_steps):
@@ -316,6 +487,15 @@ def _is_main_process():
     return paddle.distributed.get_rank() == 0
 
 
+def _first(predicts, count):
+    """The first ``count`` samples of a model output (tensor, or dict / list of tensors)."""
+    if isinstance(predicts, dict):
+        return {k: _first(v, count) for k, v in predicts.items()}
+    if isinstance(predicts, (list, tuple)):
+        return type(predicts)(_first(v, count) for v in predicts)
+    return predicts[:count] if isinstance(predicts, paddle.Tensor) and predicts.ndim > 0 else predicts
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -343,6 +523,7 @@ class Trainer:
         self.work_dir = work_dir
         self.distill = distill
         self.seed = seed
+        self.unlabeled = None  # a finetune.data.UnlabeledStream: images appended to every batch (distillation only)
         self.show_progress = True
         self.section = "Finetune"  # the config section named in error messages
         self.steps_per_epoch = len(loader)
@@ -352,6 +533,8 @@ class Trainer:
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.save_every = config.save_every or self.eval_every
         self.net = paddle.DataParallel(model) if init_distributed() > 1 else model
+        if distill is not None and hasattr(distill, "attach"):
+            distill.attach(model)
         self.optimizer, self.scheduler = build_optimizer(model, config, self.total_steps)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": 0,
                       "best_metrics": {}, "start_metrics": {}, "evals_since_best": 0, "history": [],
@@ -375,11 +558,13 @@ class Trainer:
             self._evaluate()
         bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.section.lower(), leave=False,
                    disable=not (self.show_progress and _is_main_process()))
-        try:
-            while state["step"] < self.total_steps and not state["stopped_early"]:
-                self._run_epoch(bar)
-        finally:
-            bar.close()
+        from finetune.fast_ops import fast_cpu_ops
+        with fast_cpu_ops(self.model) if getattr(self.config, "fast_cpu_ops", False) else contextlib.nullcontext():
+            try:
+                while state["step"] < self.total_steps and not state["stopped_early"]:
+                    self._run_epoch(bar)
+            finally:
+                bar.close()
         if self.evaluator and (not state["history"] or state["history"][-1]["step"] != state["step"]):
             self._evaluate()
         if self.best_weights is not None:
@@ -415,11 +600,18 @@ class Trainer:
         paddle.seed(item_seed(self.seed, "dropout", state["step"], paddle.distributed.get_rank()))
         self.net.train()
         images = batch[0]
+        labelled = images.shape[0]
+        if self.unlabeled is not None:
+            images = paddle.concat([images, paddle.to_tensor(self.unlabeled.images(state["step"]))])
         predicts = self.net(images)
-        losses = self.loss_fn(predicts, batch)
-        loss = losses["loss"]
+        loss = None
+        label_weight = getattr(self.config, "label_loss_weight", 1.0)
+        if label_weight > 0:
+            own = self.loss_fn(predicts if self.unlabeled is None else _first(predicts, labelled), batch)["loss"]
+            loss = own if label_weight == 1.0 else label_weight * own
         if self.distill is not None:
-            loss = loss + self.distill(predicts, images)
+            term = self.distill(predicts, images)
+            loss = term if loss is None else loss + term
         value = self._mean_over_ranks(loss)
         if not math.isfinite(value):
             raise TrainingError(f"{self.section} step {state['step'] + 1}: the loss is {value} (lr "

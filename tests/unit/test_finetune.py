@@ -19,7 +19,7 @@ from compress.tasks import make_task
 import finetune.stage  # noqa: F401  (registers the stage)
 from finetune.data import EpochBatchSampler, TransformDataset, make_train_loader, start_epoch
 from finetune.stage import FinetuneConfig, gate_message
-from finetune.trainer import (PROGRESS_FILE, TeacherDistillation, TrainConfig, Trainer,
+from finetune.trainer import (PROGRESS_FILE, DistillConfig, TeacherDistillation, TrainConfig, Trainer,
                               TrainingError, _map_distance, _sequence_distance, build_task_loss)
 from tests.helpers.dummy_stages import TINY_DET_ARCH
 
@@ -55,7 +55,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    counts = DemoCounts(det_train=4, det_eval=2, det_calib=0, rec_train=0, rec_eval=0, rec_calib=0)
+    counts = DemoCounts(det_train=4, det_eval=2, det_calib=0, rec_train=0, rec_eval=0, rec_calib=0,
+                        det_fidelity=0, det_unlabeled=0, rec_fidelity=0, rec_unlabeled=0)
     generate_demo_data(out, seed=0, counts=counts, show_progress=False)
     return str(out)
 
@@ -251,12 +252,15 @@ def test_distillation_distances_are_zero_for_equal_outputs_and_positive_otherwis
 def test_distillation_adds_a_teacher_term_to_the_det_loss(demo_dir):
     teacher = tiny_det_model(seed=1)
     trainer = make_trainer(demo_dir, max_steps=1)
-    trainer.distill = TeacherDistillation(teacher, "det", "kl", weight=10.0)
+    trainer.distill = TeacherDistillation(teacher, "det", DistillConfig(weight=10.0, runtime="dygraph"))
     batch = next(iter(trainer.loader))
     trainer.model.train()
     predicts = trainer.model(batch[0])
     term = float(trainer.distill(predicts, batch[0]))
     assert term > 0 and all(p.stop_gradient for p in teacher.parameters())
+    # the Paddle Inference teacher gives the same term as the dygraph one
+    inference = TeacherDistillation(teacher, "det", DistillConfig(weight=10.0, runtime="inference"))
+    assert float(inference(predicts, batch[0])) == pytest.approx(term, rel=1e-4)
     assert np.isfinite(trainer.fit().first_loss)
 
 
