@@ -33,11 +33,17 @@ class ActivationStats:
     Attributes:
         means, stds: layer name -> float64 array of length C_in (conv: over N, H, W; Linear: over leading axes).
         samples: number of input samples (images / text lines) measured.
+        grams: layer name -> :class:`compress.pruning.reconstruction.InputGram` (input Gram matrix with a ones
+            column) when measured with ``grams=True``; the ``obs`` criterion and the sensitivity analysis's
+            reconstruction need them.
+        cache: per-statistics memo of criteria that are costly to score (``obs``); never serialised.
     """
 
     means: dict
     stds: dict
     samples: int
+    grams: dict = dataclasses.field(default_factory=dict)
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def input_axis(self, weight):
         """The input-channel axis of a consumer's weight array (conv OIHW: 1, Linear [in, out]: 0)."""
@@ -66,16 +72,19 @@ def dense_consumers(model):
             if (isinstance(layer, paddle.nn.Conv2D) and layer._groups == 1) or isinstance(layer, paddle.nn.Linear)}
 
 
-def measure_activation_stats(model, batches):
+def measure_activation_stats(model, batches, grams=False, gram_rows=1024):
     """Mean and standard deviation of every input channel of every dense consumer over ``batches``.
 
     Args:
         model: the unpruned model (its train/eval mode is restored afterwards).
         batches: iterable of NCHW float arrays (model inputs), e.g. ``task.input_batches("calibration")``.
+        grams: also measure each dense layer's input Gram matrix (a second pass over the same batches).
+        gram_rows: output positions sampled per batch and layer for the Gram matrices.
 
     Returns:
         ActivationStats
     """
+    batches = list(batches)
     sums, squares, counts, hooks = {}, {}, {}, []
 
     def recorder(name):
@@ -107,7 +116,11 @@ def measure_activation_stats(model, batches):
             model.train()
     means = {name: sums[name] / counts[name] for name in sums}
     stds = {name: np.sqrt(np.maximum(squares[name] / counts[name] - means[name] ** 2, 0.0)) for name in sums}
-    return ActivationStats(means=means, stds=stds, samples=samples)
+    input_grams = {}
+    if grams:
+        from compress.pruning.reconstruction import measure_input_grams
+        input_grams = measure_input_grams(model, batches, max_rows=gram_rows)
+    return ActivationStats(means=means, stds=stds, samples=samples, grams=input_grams)
 
 
 def _following_batchnorm_mean(trace, weight_name, layers):

@@ -5,8 +5,9 @@ mapping from structured parameter name to its current value (``numpy`` array), a
 :class:`FilterScores` with one score per output channel of ``group.master``. New criteria are added with
 ``@register_criterion("name")``.
 
-A criterion that needs measured activations (``activation``) carries ``needs_stats = True`` and takes a third
-argument; :func:`bind_criterion` gives it the statistics of the model being pruned.
+A criterion that needs measured activations (``activation``, ``obs``) carries ``needs_stats = True`` and takes a
+third argument; :func:`bind_criterion` gives it the statistics of the model being pruned. ``obs`` also needs the
+consumers' input Gram matrices (``needs_grams = True``: measure with ``measure_activation_stats(..., grams=True)``).
 """
 import dataclasses
 import functools
@@ -144,3 +145,108 @@ def activation(group, weights, stats):
 
 
 activation.needs_stats = True
+
+
+OBS_DAMP = 0.01  # relative damping of the consumers' input Gram matrices (as reconstruction's default)
+OBS_GREEDY_FRACTION = 0.9  # channels removed one by one with OBS updates; the rest ranked by their last cost
+
+
+def _obs_consumers(group, weights, stats):
+    """(inverse damped Gram, weight matrix with a bias row, master channel -> its columns) per measured consumer."""
+    consumers = []
+    for member in group.members:
+        layer, _, leaf = member.name.rpartition(".")
+        gram = stats.grams.get(layer)
+        if leaf != "weight" or gram is None:
+            continue
+        weight = np.asarray(weights[member.name], dtype="float64")
+        axis = stats.input_axis(weight)
+        if member.axis != axis:
+            continue
+        origin = transform_mask(np.arange(group.channels) + 2.0, member.transforms).astype("int64") - 2
+        matrix = weight if weight.ndim == 2 else weight.reshape(weight.shape[0], -1).T
+        if origin.shape != (weight.shape[axis],) or matrix.shape[0] + 1 != gram.gram.shape[0]:
+            continue
+        h = gram.gram.copy()
+        diagonal = np.arange(matrix.shape[0])
+        h[diagonal, diagonal] += OBS_DAMP * max(float(np.mean(np.diag(gram.gram)[:-1])), 1e-12)
+        column_origin = origin[gram.channels]
+        columns = {int(m): np.flatnonzero(column_origin == m) for m in np.unique(column_origin[column_origin >= 0])}
+        # the ones column (last) is never removed: the OBS update moves a removed channel's mean into the bias
+        consumers.append((np.linalg.inv(h), np.concatenate([matrix, np.zeros((1, matrix.shape[1]))]), columns))
+    return consumers
+
+
+def _obs_costs(consumers, channels, removed):
+    """Output error each remaining channel's removal adds, summed over consumers: tr(W_G^T [H^-1_GG]^-1 W_G)."""
+    costs = np.zeros(channels)
+    for inverse, matrix, columns in consumers:
+        for master, cols in columns.items():
+            if removed[master]:
+                continue
+            if len(cols) == 1:
+                costs[master] += float((matrix[cols[0]] ** 2).sum() / inverse[cols[0], cols[0]])
+            else:
+                block = inverse[np.ix_(cols, cols)]
+                costs[master] += float(np.sum(matrix[cols] * np.linalg.solve(block, matrix[cols])))
+    return costs
+
+
+def _obs_remove(consumers, master):
+    """OBS update of every consumer's weights and inverse Gram after removing ``master``'s columns."""
+    for index, (inverse, matrix, columns) in enumerate(consumers):
+        cols = columns.get(master)
+        if cols is None:
+            continue
+        block_inverse = np.linalg.inv(inverse[np.ix_(cols, cols)])
+        left = inverse[:, cols] @ block_inverse
+        matrix = matrix - left @ matrix[cols]
+        inverse = inverse - left @ inverse[cols]
+        matrix[cols] = 0.0
+        consumers[index] = (inverse, matrix, columns)
+
+
+@register_criterion("obs")
+def obs(group, weights, stats):
+    """Structured Optimal Brain Surgeon over the consumers (Optimal Brain Compression, ZipLM): a channel's cost is
+    the increase of its consumers' output error ``tr(W_G^T [H^-1_GG]^-1 W_G)`` (``‖W[:, j]‖² / [H^-1]_jj`` for a
+    1x1 conv or Linear) when the consumers are re-solved without it, ``H = X^T X + damping`` being the input Gram
+    matrix (with a ones column, so a removed channel's mean goes into the bias) measured on calibration data.
+    Channels are removed greedily, cheapest first, each removal updating ``H^-1`` and the weights (OBS update),
+    costs summed over the consumers of the group. A kxk consumer removes a channel's whole kxk block of patch
+    columns at once. Score = removal order (removed last = highest). Pairs with :mod:`compress.pruning.reconstruction`,
+    which does the re-solving this criterion assumes. L1 norm when no consumer has a Gram matrix."""
+    key = ("obs", group.master)
+    if key in stats.cache:
+        return stats.cache[key]
+    if not stats.grams:
+        raise ConfigError("pruning criterion 'obs' needs the consumers' input Gram matrices: measure the statistics "
+                          "with measure_activation_stats(..., grams=True)")
+    consumers = _obs_consumers(group, weights, stats)
+    if not consumers:
+        result = FilterScores(l1_norm(group, weights).scores, "l1_norm (no measured consumer)")
+    else:
+        removed = np.zeros(group.channels, dtype=bool)
+        scores = np.zeros(group.channels)
+        greedy = int(OBS_GREEDY_FRACTION * group.channels)
+        for step in range(greedy):
+            costs = _obs_costs(consumers, group.channels, removed)
+            costs[removed] = np.inf
+            master = int(np.argmin(costs))
+            removed[master], scores[master] = True, step
+            _obs_remove(consumers, master)
+        costs = _obs_costs(consumers, group.channels, removed)
+        rest = np.flatnonzero(~removed)
+        scores[rest] = greedy + np.argsort(np.argsort(costs[rest]))
+        result = FilterScores(scores, "obs")
+    stats.cache[key] = result
+    return result
+
+
+obs.needs_stats = True
+obs.needs_grams = True
+
+
+def needs_grams(criterion):
+    """True when the criterion scores filters from the consumers' input Gram matrices (``obs``)."""
+    return bool(getattr(get_criterion(criterion), "needs_grams", False))

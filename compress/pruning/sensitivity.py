@@ -22,6 +22,7 @@ from compress.errors import CheckpointError, ConfigError
 from compress.pruning.compensation import add_deltas, plan_compensation
 from compress.pruning.criteria import bind_criterion, criterion_name
 from compress.pruning.plan import make_plan
+from compress.pruning.reconstruction import local_reconstruction_deltas
 from compress.pruning.trace import trace_model
 
 STATE_FORMAT_VERSION = 1
@@ -96,7 +97,7 @@ def _load_state(state_path, settings):
 
 def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, eval_fn, state_path,
                         show_progress=True, *, trace=None, round_to=8, settings_tag=None, stats=None,
-                        compensate=False):
+                        compensate=False, reconstruct_damp=None):
     """Metric after pruning each layer alone at each ratio; resumable.
 
     Progress is saved to ``state_path`` (JSON, replaced atomically) after every (layer, ratio) pair. A re-run
@@ -119,6 +120,10 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
         stats: :class:`compress.pruning.compensation.ActivationStats` of the model, for a data-driven criterion
             and for ``compensate``.
         compensate: give each pruned layer's consumers bias compensation, as the prune stage does.
+        reconstruct_damp: when set, re-solve each pruned layer's consumers by ridge least squares (this damping)
+            from the unpruned model's input Gram matrices (``stats.grams``), so the loss measured is what
+            reconstruction leaves (:func:`compress.pruning.reconstruction.local_reconstruction_deltas`: local
+            consumers only, no forward pass); replaces the compensation of the layers it re-solves.
 
     Returns:
         dict: ``{layer: {0.0: baseline, ratio: metric, ...}}`` for the requested layers and grid.
@@ -129,6 +134,9 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
     score = bind_criterion(criterion, stats)
     if compensate and stats is None:
         raise ConfigError("bias compensation needs the model's activation statistics (stats=...)")
+    if reconstruct_damp is not None and (stats is None or not stats.grams):
+        raise ConfigError("reconstruction in the sensitivity analysis needs the consumers' input Gram matrices: "
+                          "measure the statistics with measure_activation_stats(..., grams=True)")
     trace = trace if trace is not None else trace_model(model, example_inputs)
     unknown = [layer for layer in layers if layer not in trace.groups]
     if unknown:
@@ -137,6 +145,8 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
     settings = {"model": model_fingerprint(model), "criterion": criterion_name(criterion), "round_to": round_to,
                 "compensate": bool(compensate),
                 "input_shapes": trace.input_shapes, "tag": settings_tag}
+    if reconstruct_damp is not None:  # only when on: states written before reconstruction existed stay valid
+        settings["reconstruct_damp"] = float(reconstruct_damp)
     state = _load_state(state_path, settings)
     results = state["results"]
     todo = [(layer, ratio) for layer in layers for ratio in grid if _ratio_key(ratio) not in results.get(layer, {})]
@@ -150,7 +160,9 @@ def analyze_sensitivity(model, example_inputs, layers, ratios_grid, criterion, e
             bar.set_postfix_str(f"{layer.rsplit('.', 2)[0]} @ {ratio:g}")
             plan = make_plan(model, None, {layer: ratio}, score, round_to=round_to, trace=trace)
             if plan.tensors:
-                deltas = plan_compensation(model, plan, stats, trace).deltas if compensate else None
+                deltas = plan_compensation(model, plan, stats, trace).deltas if compensate else {}
+                if reconstruct_damp is not None:
+                    deltas.update(local_reconstruction_deltas(model, plan, stats.grams, reconstruct_damp, trace)[0])
                 with pruned_by_zeroing(model, plan, deltas):
                     metric = float(eval_fn(model))
             else:

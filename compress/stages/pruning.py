@@ -4,6 +4,7 @@ The work is done by ``compress.pruning`` on top of PaddleSlim's dependency analy
 to the runner: which data is used to measure the metric, where progress is saved, what is recorded so that
 ``restore`` can rebuild a pruned model from the kept channel indices alone.
 """
+import copy
 import json
 import os
 import time
@@ -43,11 +44,16 @@ class SensitivityConfig:
     top_k: int = 5  # most sensitive layers labelled in the plot
     compensate: bool = True  # bias compensation of the removed channels' means, as the prune stage applies it
     stats_limit: Optional[int] = 16  # Calibration samples the activation statistics are measured on
+    # re-solve each pruned conv's consumers by least squares from the unpruned input Gram matrices (measured on
+    # the stats_limit samples), so the losses are those left after reconstruction, as the prune stage does it
+    reconstruct: bool = False
+    reconstruct_damp: float = 0.01
 
     def validate(self, where):
         _check_criterion(self.criterion, where)
         _check_round_to(self.round_to, where)
         _check_stats_limit(self.stats_limit, where)
+        _check_damp(self.reconstruct_damp, where)
         if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
             raise ConfigError(f"{where}.ratios: each ratio must be in (0, 1), got {list(self.ratios)}")
 
@@ -57,13 +63,21 @@ def _check_stats_limit(value, where):
         raise ConfigError(f"{where}.stats_limit: must be >= 1 or null (the whole Calibration split), got {value}")
 
 
+def _check_damp(value, where):
+    if not value >= 0.0:
+        raise ConfigError(f"{where}.reconstruct_damp: must be >= 0 (relative ridge damping), got {value}")
+
+
 def activation_stats(model, cfg, ctx):
-    """Activation statistics of ``model`` on the Calibration split when the criterion or compensation needs them."""
+    """Activation statistics of ``model`` on the Calibration split when the criterion, compensation or the
+    sensitivity analysis's reconstruction needs them (input Gram matrices only for ``obs`` and the latter)."""
     from compress.pruning.compensation import measure_activation_stats
-    from compress.pruning.criteria import needs_stats
-    if not (cfg.compensate or needs_stats(cfg.criterion)):
+    from compress.pruning.criteria import needs_grams, needs_stats
+    grams = needs_grams(cfg.criterion) or (isinstance(cfg, SensitivityConfig) and cfg.reconstruct)
+    if not (cfg.compensate or needs_stats(cfg.criterion) or grams):
         return None
-    return measure_activation_stats(model, ctx.task.input_batches("calibration", limit=cfg.stats_limit))
+    return measure_activation_stats(model, ctx.task.input_batches("calibration", limit=cfg.stats_limit),
+                                    grams=grams)
 
 
 def _trace(model, ctx):
@@ -103,6 +117,7 @@ class SensitivityStage(Stage):
                                        os.path.join(ctx.work_dir, "sensitivity_state.json"), show_progress=shown,
                                        trace=trace, round_to=cfg.round_to, stats=activation_stats(model, cfg, ctx),
                                        compensate=cfg.compensate,
+                                       reconstruct_damp=cfg.reconstruct_damp if cfg.reconstruct else None,
                                        settings_tag={"split": cfg.split, "limit": cfg.limit, "metric": main,
                                                      "stats_limit": cfg.stats_limit})
         finally:
@@ -122,7 +137,8 @@ class SensitivityStage(Stage):
     def dry_run(self, model, cfg, ctx):
         layers = self._layers(model, cfg, _trace(model, ctx))
         return (f"  {len(layers)} prunable convs x {len(cfg.ratios)} ratios = {len(layers) * len(cfg.ratios)} "
-                f"evaluations on {cfg.limit or 'all'} {cfg.split} samples with criterion {cfg.criterion}")
+                f"evaluations on {cfg.limit or 'all'} {cfg.split} samples with criterion {cfg.criterion}"
+                f"{', consumers reconstructed' if cfg.reconstruct else ''}")
 
 
 def _short(name):
@@ -154,7 +170,7 @@ def ranked_table(sens, ranked, baseline, metric):
 class PruneConfig:
     """``Prune`` section."""
 
-    criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm | activation
+    criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm | activation | obs
     mode: Literal["flops_target", "loss_budget", "uniform"] = "flops_target"
     flops_target: float = 0.4  # flops_target: fraction of FLOPs to remove, ratios chosen from the sensitivity
     max_loss: float = 0.01  # loss_budget: per layer, the largest ratio whose metric loss stays within this
@@ -163,11 +179,25 @@ class PruneConfig:
     round_to: int = 8  # kept channel counts are multiples of this (INT8 kernels like 8)
     compensate: bool = True  # fold the removed channels' mean contribution into the next layers' biases
     stats_limit: Optional[int] = 16  # Calibration samples the activation statistics are measured on
+    # after slicing, re-solve the layers that lost inputs by ridge least squares to the unpruned model's outputs
+    # on Calibration samples (compress.pruning.reconstruction); their weights are saved with the checkpoint
+    reconstruct: bool = False
+    reconstruct_limit: Optional[int] = 64  # Calibration samples (det: pages, rec: text lines); null: all
+    reconstruct_damp: float = 0.01  # ridge damping relative to the mean diagonal of X^T X
+    reconstruct_layers: Literal["pruned_inputs", "all"] = "pruned_inputs"  # all: every dense layer downstream
+    reconstruct_rows: int = 4096  # output positions sampled per batch and layer
+    stats_correction: bool = False  # match each re-solved layer's output mean / std to the unpruned model's
 
     def validate(self, where):
         _check_criterion(self.criterion, where)
         _check_round_to(self.round_to, where)
         _check_stats_limit(self.stats_limit, where)
+        _check_damp(self.reconstruct_damp, where)
+        if self.reconstruct_limit is not None and self.reconstruct_limit < 1:
+            raise ConfigError(f"{where}.reconstruct_limit: must be >= 1 or null (the whole Calibration split), "
+                              f"got {self.reconstruct_limit}")
+        if self.reconstruct_rows < 1:
+            raise ConfigError(f"{where}.reconstruct_rows: must be >= 1, got {self.reconstruct_rows}")
         if not 0.0 < self.flops_target < 1.0:
             raise ConfigError(f"{where}.flops_target: must be in (0, 1), got {self.flops_target}")
         if not 0.0 <= self.ratio < 1.0:
@@ -220,9 +250,12 @@ class PruneStage(Stage):
         plan = self.plan(model, cfg, ctx, stats=stats, trace=trace)
         compensation = plan_compensation(model, plan, stats, trace) if cfg.compensate else None
         plan_seconds = time.time() - started
+        teacher = copy.deepcopy(model) if cfg.reconstruct or cfg.stats_correction else None
         if compensation is not None:
             add_deltas(model, compensation.deltas)
         apply_plan(model, plan)
+        reconstruction = self._reconstruct(model, teacher, plan, cfg, ctx, trace) if teacher is not None else None
+        del teacher
         model.eval()
         atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
         atomic_write_text(os.path.join(ctx.out_dir, "plan.txt"), format_plan(plan) + "\n")
@@ -237,11 +270,23 @@ class PruneStage(Stage):
         if compensation is not None:
             metadata["compensation"] = {"layers": compensation.layers, "skipped": compensation.skipped,
                                         "calibration_samples": stats.samples}
-        return StageResult(model=model, metrics=metrics, metadata=metadata,
-                           weights_changed=True,
-                           message=f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, "
-                                   f"{pruned} convs pruned ({cfg.criterion}"
-                                   f"{', bias-compensated' if compensation is not None else ''})")
+        message = (f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, "
+                   f"{pruned} convs pruned ({cfg.criterion}{', bias-compensated' if compensation is not None else ''})")
+        if reconstruction is not None:
+            metadata["reconstruction"] = reconstruction.to_json()
+            metrics["reconstruct_seconds"] = round(reconstruction.seconds, 1)
+            what = "reconstructed" if cfg.reconstruct else "statistics-corrected"
+            message += f", {what}: {reconstruction.summary()} in {reconstruction.seconds:.0f}s"
+        return StageResult(model=model, metrics=metrics, metadata=metadata, weights_changed=True, message=message)
+
+    @staticmethod
+    def _reconstruct(model, teacher, plan, cfg, ctx, trace):
+        from compress.pruning.reconstruction import ReconstructionConfig, reconstruct
+        config = ReconstructionConfig(damp=cfg.reconstruct_damp, layers=cfg.reconstruct_layers,
+                                      max_rows=cfg.reconstruct_rows, stats_correction=cfg.stats_correction,
+                                      solve=cfg.reconstruct)
+        batches = list(ctx.task.input_batches("calibration", limit=cfg.reconstruct_limit))
+        return reconstruct(model, teacher, plan, batches, config, trace=trace, show_progress=ctx.task.show_progress)
 
     def restore(self, model, cfg, metadata):
         from compress.pruning.plan import PrunePlan, apply_plan

@@ -43,7 +43,8 @@ def pruned_run(demo_data, tmp_path_factory):
                  "Pipeline=[baseline, sensitivity, prune]",
                  "Models.det.Eval.limit=3", "Models.rec.Eval.limit=32",
                  "Sensitivity.ratios=[0.5]", "Sensitivity.limit=1", "Sensitivity.per_model={rec: {limit: 8}}",
-                 "Prune.flops_target=0.35", "Prune.per_model.rec.mode=flops_target"]
+                 "Prune.flops_target=0.35", "Prune.per_model.rec.mode=flops_target",
+                 "Prune.reconstruct=true", "Prune.reconstruct_limit=2"]
     proc = tool("-c", CONFIG, "-o", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, overrides, proc
@@ -60,11 +61,15 @@ def test_prune_reaches_flops_target_and_records_plan(pruned_run):
         assert pruned["metrics"]["params"] < base["params"]
         kept = [c["kept"] for c in pruned["metadata"]["plan"]["tensors"].values()]
         assert kept and all(len(axes) >= 1 for axes in kept)
+        solved = pruned["metadata"]["reconstruction"]["layers"]
+        assert len(solved) >= 10 and all(layer["error_after"] < layer["error_before"] for layer in solved)
+        assert pruned["metrics"]["reconstruct_seconds"] > 0
         stage_dir = os.path.join(run_dir, pruned["dir"])
         assert os.path.isfile(os.path.join(stage_dir, "plan.txt"))
         sens_dir = os.path.join(run_dir, manifest["entries"]["sensitivity"][name]["dir"])
         assert os.path.getsize(os.path.join(sens_dir, "sensitivity.png")) > 10_000
     assert "[3/3] prune       det" in proc.stdout
+    assert "reconstructed:" in proc.stdout
 
 
 def test_pruned_checkpoint_restores_bit_identical_in_fresh_process(pruned_run):
