@@ -1,9 +1,11 @@
 """Stage ``finetune``: short low-learning-rate recovery training after pruning, with an accuracy gate.
 
-Trains the incoming model on the model config's ``Train`` split with PP-OCR's own loss, evaluates on the ``Eval``
-split every ``eval_every`` steps, keeps the best weights, and fails its gate when the best main metric is more than
-``max_drop`` below the baseline's. Progress is saved under the stage's work directory, so a killed fine-tune
-continues where it stopped when the pipeline is run again.
+Trains the incoming model on the model config's ``Train`` split (and unlabelled images) with PP-OCR's own loss and
+distillation from the baseline, evaluates on the selection split (Calibration by default, never the Eval split the
+stage reports) every ``eval_every`` steps, keeps the best weights, then measures them on the whole Eval split and
+the Fidelity split. Its gate fails when the main metric is more than ``max_drop`` below the baseline's or the
+agreement with the baseline fell more than ``max_fidelity_drop`` points. Progress is saved under the stage's work
+directory, so a killed fine-tune continues where it stopped when the pipeline is run again.
 """
 import os
 from dataclasses import dataclass, replace
@@ -26,12 +28,19 @@ class FinetuneConfig(TaskTrainConfig):
     """``Finetune`` section: the :class:`~finetune.trainer.TaskTrainConfig` keys plus the gate."""
 
     max_drop: Optional[float] = 0.01  # gate: best metric >= baseline - max_drop (metric units); null: no gate
+    # gate: agreement with the baseline on the Fidelity split may drop at most this many points, overall and for
+    # the worst script (rec); null: not gated
+    max_fidelity_drop: Optional[float] = None
+    max_script_fidelity_drop: Optional[float] = None
     on_gate_fail: Literal["stop", "continue"] = "stop"
 
     def validate(self, where):
         super().validate(where)
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"{where}.max_drop: must be >= 0 or null, got {self.max_drop}")
+        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
 
 
 def load_teacher(ctx):
@@ -57,8 +66,10 @@ def gate_message(main, best, baseline, max_drop):
 def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetune"):
     """A :class:`~finetune.trainer.Trainer` for ``model`` on the model config's ``Train`` split.
 
-    Uses the task's PP-OCR loss, PaddleOCR's weight decay when none is set, evaluation on the Eval split (its first
-    ``cfg.eval_limit`` samples) and distillation from ``make_teacher()`` when ``cfg.distill.enabled``.
+    Uses the task's PP-OCR loss, PaddleOCR's weight decay when none is set, selection of the best step on
+    ``cfg.select_split`` (its first ``cfg.eval_limit`` samples; by the labelled metric, or by agreement with the
+    teacher when ``cfg.select_by`` is ``fidelity``) and distillation from ``make_teacher()`` when
+    ``cfg.distill.enabled``.
 
     Args:
         model: the dygraph model to train in place.
@@ -85,10 +96,13 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
         loader = dataset_loader(unlabeled, batch_size, seed=seed, num_workers=cfg.num_workers)
     else:
         loader = make_train_loader(task, split, batch_size, seed=seed, num_workers=cfg.num_workers)
-    distill = None
+    distill, teacher = None, None
+    if cfg.distill.enabled or cfg.select_by == "fidelity":
+        teacher = make_teacher()
     if cfg.distill.enabled:
-        distill = TeacherDistillation(make_teacher(), task.task, cfg.distill, threads=ctx.global_cfg.threads)
-    evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} eval {ctx.model_name}")
+        distill = TeacherDistillation(teacher, task.task, cfg.distill, threads=ctx.global_cfg.threads)
+    evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} select {ctx.model_name}",
+                              split=cfg.select_split, reference=teacher if cfg.select_by == "fidelity" else None)
     trainer = Trainer(model, build_task_loss(task.task, cfg.loss, where=f"{section}.loss"), loader, cfg,
                       evaluator, work_dir, distill, seed=seed)
     if unlabeled is not None and cfg.unlabeled.mode == "mix":
@@ -142,32 +156,43 @@ class FinetuneStage(Stage):
         world = paddle.distributed.get_world_size()
         per_epoch = max(-(-samples // (batch * world)), 1)
         steps = cfg.max_steps or cfg.epochs * per_epoch
-        gate = f"{ctx.task.main_metric} >= baseline - {cfg.max_drop:g}" if cfg.max_drop is not None else "none"
+        gates = ([f"{ctx.task.main_metric} >= baseline - {cfg.max_drop:g}"] if cfg.max_drop is not None else []) + (
+            [f"fidelity >= 1 - {cfg.max_fidelity_drop:g} pt"] if cfg.max_fidelity_drop is not None else [])
+        selected = "agreement with the baseline" if cfg.select_by == "fidelity" else ctx.task.main_metric
         return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
-                f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); eval every "
-                f"{cfg.eval_every or per_epoch} steps on {cfg.eval_limit or 'all'} eval samples; gate: {gate}")
+                f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); best step by {selected} every "
+                f"{cfg.eval_every or per_epoch} steps on {cfg.eval_limit or 'all'} {cfg.select_split} samples; "
+                f"gate: {', '.join(gates) or 'none'}")
 
     @staticmethod
     def _stage_result(model, cfg, ctx, result, input_weights):
+        """Metrics of the best weights on the whole Eval split and the Fidelity split (the selection split's are
+        kept as ``select_*``), and the gates."""
+        from compress.fidelity import fidelity_gate, summary
+        from compress.stages.evaluation import fidelity_metrics
+        from compress.tasks import dygraph_predictor
+
         main = ctx.task.main_metric
-        metrics = dict(result.best_metrics)
-        if cfg.eval_limit is not None:
-            # the best step was chosen on a subset: report (and gate) the whole Eval split, as the baseline was
-            from compress.tasks import dygraph_predictor
-            metrics = {f"subset_{k}": v for k, v in result.best_metrics.items()}
-            metrics.update(ctx.task.evaluate(dygraph_predictor(model), desc=f"finetuned {ctx.model_name}"))
+        metrics = {f"select_{k}": v for k, v in result.best_metrics.items()}
+        metrics.update({f"select_start_{k}": v for k, v in result.start_metrics.items()
+                        if k in (main, "fidelity")})
+        metrics.update(ctx.task.evaluate(dygraph_predictor(model), desc=f"finetuned {ctx.model_name}"))
+        metrics.update(fidelity_metrics(ctx, dygraph_predictor(model)))
         best = metrics.get(main)
         metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
                        seconds_per_step=round(result.seconds_per_step, 4))
-        if main in result.start_metrics:
-            metrics[f"{'subset_' if cfg.eval_limit is not None else ''}start_{main}"] = result.start_metrics[main]
-        message = f"best at step {result.best_step}/{result.steps}"
+        message = f"best at step {result.best_step}/{result.steps} on {cfg.select_split}"
         if result.stopped_early:
             message += " (early stop)"
         if result.resumed_from:
             message += f", resumed at step {result.resumed_from}"
-        failure = gate_message(main, best, ctx.baseline_metrics().get(main), cfg.max_drop) if best is not None \
-            else None
+        if "fidelity" in metrics:
+            message = f"{summary(metrics)}  {message}"
+        failures = [gate_message(main, best, ctx.baseline_metrics().get(main), cfg.max_drop) if best is not None
+                    else None,
+                    fidelity_gate(metrics, cfg.max_fidelity_drop, cfg.max_script_fidelity_drop,
+                                  setting="Finetune.max_fidelity_drop")]
+        failure = "; ".join(f for f in failures if f)
         if failure:
             model.set_state_dict(input_weights)
             return StageResult(model=model, metrics=metrics, passed=False, message=f"{failure} ({message})")

@@ -156,6 +156,10 @@ class TaskTrainConfig(TrainConfig):
     num_workers: int = 0  # DataLoader worker processes
     loss: Dict[str, Any] = field(default_factory=dict)  # ppocr loss keys; default DBLoss (det) / CTCLoss (rec)
     unlabeled: UnlabeledConfig = UnlabeledConfig()
+    # the split the best step is chosen on (its first eval_limit samples): never the Eval split the stage reports,
+    # unless asked for; select_by fidelity: agreement with the teacher's (the baseline's) outputs on it
+    select_split: Literal["calibration", "eval"] = "calibration"
+    select_by: Literal["metric", "fidelity"] = "metric"
 
     def validate(self, where):
         super().validate(where)
@@ -253,17 +257,49 @@ def _check_loss_keys(section, where):
 
 
 class TaskEvaluator:
-    """``evaluator(model) -> metrics`` on a task's Eval split (optionally its first ``limit`` samples)."""
+    """``evaluator(model) -> metrics`` on a split of a task (optionally its first ``limit`` samples).
 
-    def __init__(self, task, limit=None, desc="finetune eval"):
+    Args:
+        task: the ``compress.tasks.Task``.
+        limit: first samples of the split; None: the split's own limit.
+        desc: progress bar label.
+        split: "calibration" or "eval" (never "train").
+        reference: a teacher model: the metrics then also hold ``fidelity``, the agreement of the model's decoded
+            outputs with the teacher's on the same samples (:mod:`compress.fidelity`; the teacher's are computed
+            once), and it becomes the main metric: selection needs no labels.
+    """
+
+    def __init__(self, task, limit=None, desc="finetune eval", split="eval", reference=None):
         self.task = task
         self.limit = limit
         self.desc = desc
-        self.main_metric = task.main_metric
+        self.split = split
+        self.main_metric = task.main_metric if reference is None else "fidelity"
+        self._reference = reference
+        self._reference_outputs = None
+
+    def _fidelity_batches(self):
+        batches = []
+        for batch in self.task.batches(self.split, limit=self.limit):
+            images = np.stack([sample[0] for sample in batch]).astype("float32")
+            shapes = np.stack([sample[1] for sample in batch]) if self.task.task == "det" else None
+            batches.append((images, shapes))
+        return batches
 
     def __call__(self, model):
+        from compress.fidelity import decode_outputs, det_agreement, rec_agreement
         from compress.tasks import dygraph_predictor
-        return self.task.evaluate(dygraph_predictor(model), limit=self.limit, desc=self.desc)
+
+        metrics = self.task.evaluate(dygraph_predictor(model), split=self.split, limit=self.limit, desc=self.desc)
+        if self._reference is not None:
+            batches = self._fidelity_batches()
+            if self._reference_outputs is None:
+                self._reference_outputs = decode_outputs(self.task, dygraph_predictor(self._reference), batches,
+                                                         show_progress=False)
+            outputs = decode_outputs(self.task, dygraph_predictor(model), batches, show_progress=False)
+            agreement = rec_agreement if self.task.task == "rec" else det_agreement
+            metrics.update(agreement(self._reference_outputs, outputs))
+        return metrics
 
 
 class TeacherDistillation:

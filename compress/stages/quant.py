@@ -284,8 +284,8 @@ class QuantStage(Stage):
                 "calibration_batches": calibration_batches, "steps": result.steps, "best_step": result.best_step,
                 "resumed_from": result.resumed_from, "train_loss": round(result.train_loss, 6),
                 "seconds_per_step": round(result.seconds_per_step, 4), "fake_quant_metric": fake_quant,
-                "subset_start_metric": result.start_metrics.get(main),
-                "subset_best_metric": result.best_metrics.get(main), "seconds": round(time.time() - started, 1)}
+                "select_start_metric": result.start_metrics.get(main),
+                "select_best_metric": result.best_metrics.get(main), "seconds": round(time.time() - started, 1)}
         if qat.folded is not None:
             info["folded"] = {"batch_norms": qat.folded.batch_norms, "affines": qat.folded.affines,
                               "max_abs_diff": qat.folded.max_abs_diff}
