@@ -17,7 +17,7 @@ exactly 1.0 by construction.
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 from tqdm import tqdm

@@ -130,8 +130,34 @@ class Task:
         return self._cache[key]
 
     def _fidelity_samples(self):
-        if "fidelity_samples" in self._cache:
-            return self._cache["fidelity_samples"]
+        cfg = self.cfg.Fidelity
+        if cfg is None:
+            raise InputError(f"{self.cfg.source_file}: Fidelity: section missing; add data_dir (a folder of "
+                             f"unlabelled images) to measure agreement with the baseline")
+        if "fidelity_samples" not in self._cache:
+            self._cache["fidelity_samples"] = self.read_images(cfg.data_dir, cfg.label_file, cfg.limit,
+                                                               cfg.transforms, where="Fidelity")
+        return self._cache["fidelity_samples"]
+
+    def image_batches(self, data_dir, limit=None, batch_size=None):
+        """Yield the image arrays (N, C, H, W) of a folder of unlabelled images (det: one page per batch), read
+        with the Eval transforms without label operators, e.g. for pruning reconstruction."""
+        _, samples = self.read_images(data_dir, None, limit, None, where="images")
+        size = 1 if self.task == "det" else (batch_size or self.cfg.Eval.batch_size)
+        for start in range(0, len(samples), size):
+            yield np.stack([s[0] for s in samples[start:start + size]]).astype("float32")
+
+    def read_images(self, data_dir, label_file=None, limit=None, transforms=None, where="images"):
+        """Unlabelled images, preprocessed: (names relative to ``data_dir``, [sample tuples]).
+
+        Args:
+            data_dir: a folder of images, searched recursively (paths relative to the model config's base dir).
+            label_file: an image list (``img_path[<TAB>anything]``) instead of the whole folder.
+            limit: first N images.
+            transforms: a PaddleOCR transform list; None: the Eval transforms without label operators (rec
+                samples hold the image, det samples the image and its resize record).
+            where: the config key named in errors.
+        """
         import os
 
         from ppocr.data.imaug import create_operators, transform
@@ -139,36 +165,30 @@ class Task:
         from compress.data.labels import read_image_list
         from compress.fidelity import list_images, strip_label_ops
 
-        cfg = self.cfg.Fidelity
-        if cfg is None:
-            raise InputError(f"{self.cfg.source_file}: Fidelity: section missing; add data_dir (a folder of "
-                             f"unlabelled images) to measure agreement with the baseline")
-        data_dir = self.cfg.path(cfg.data_dir)
-        if cfg.label_file:
-            paths = [str(p) for p in read_image_list(self.cfg.path(cfg.label_file), data_dir)]
+        folder = self.cfg.path(data_dir)
+        if label_file:
+            paths = [str(p) for p in read_image_list(self.cfg.path(label_file), folder)]
         else:
-            if not os.path.isdir(data_dir):
-                raise InputError(f"{self.cfg.source_file}: Fidelity.data_dir: {data_dir} is not a folder; point it "
-                                 f"at a folder of images")
-            paths = [os.path.join(data_dir, name) for name in list_images(data_dir)]
-        paths = paths[:cfg.limit] if cfg.limit else paths
+            if not os.path.isdir(folder):
+                raise InputError(f"{self.cfg.source_file}: {where}: {folder} is not a folder; point data_dir at a "
+                                 f"folder of images")
+            paths = [os.path.join(folder, name) for name in list_images(folder)]
+        paths = paths[:limit] if limit else paths
         if not paths:
-            raise InputError(f"{self.cfg.source_file}: Fidelity: no images under {data_dir}; add .jpg/.png files "
-                             f"or fix data_dir / label_file")
-        transforms = cfg.transforms if cfg.transforms is not None else strip_label_ops(self.cfg.Eval.transforms,
-                                                                                        self.task)
+            raise InputError(f"{self.cfg.source_file}: {where}: no images under {folder}; add .jpg/.png files or "
+                             f"fix data_dir / label_file")
+        transforms = transforms if transforms is not None else strip_label_ops(self.cfg.Eval.transforms, self.task)
         ops = create_operators(copy.deepcopy([dict(t) for t in transforms]), self.global_config)
         samples = []
-        for path in tqdm(paths, desc=f"load {self.task} fidelity", disable=not self.show_progress, leave=False):
+        for path in tqdm(paths, desc=f"load {self.task} {where.lower()}", disable=not self.show_progress,
+                         leave=False):
             with open(path, "rb") as f:
                 result = transform({"img_path": path, "image": f.read()}, ops)
             if result is None:
-                raise InputError(f"{path}: rejected by the Fidelity transforms (unreadable image?); remove it "
-                                 f"from {cfg.label_file or data_dir}")
+                raise InputError(f"{path}: rejected by the {where} transforms (unreadable image?); remove it from "
+                                 f"{label_file or folder}")
             samples.append(result)
-        names = [os.path.relpath(p, data_dir).replace(os.sep, "/") for p in paths]
-        self._cache["fidelity_samples"] = (names, samples)
-        return self._cache["fidelity_samples"]
+        return [os.path.relpath(p, folder).replace(os.sep, "/") for p in paths], samples
 
     def example_input(self, batch=1):
         """A deterministic array of the config's example input shape, for tracing and FLOPs counting."""

@@ -169,15 +169,13 @@ class FinetuneStage(Stage):
         """Metrics of the best weights on the whole Eval split and the Fidelity split (the selection split's are
         kept as ``select_*``), and the gates."""
         from compress.fidelity import fidelity_gate, summary
-        from compress.stages.evaluation import fidelity_metrics
-        from compress.tasks import dygraph_predictor
+        from compress.stages.evaluation import measure_model
 
         main = ctx.task.main_metric
         metrics = {f"select_{k}": v for k, v in result.best_metrics.items()}
         metrics.update({f"select_start_{k}": v for k, v in result.start_metrics.items()
                         if k in (main, "fidelity")})
-        metrics.update(ctx.task.evaluate(dygraph_predictor(model), desc=f"finetuned {ctx.model_name}"))
-        metrics.update(fidelity_metrics(ctx, dygraph_predictor(model)))
+        metrics.update(measure_model(ctx, model, f"finetuned {ctx.model_name}"))
         best = metrics.get(main)
         metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
                        seconds_per_step=round(result.seconds_per_step, 4))

@@ -8,6 +8,7 @@ import zlib  # noqa: F401  (before paddle: see compress/__init__.py)
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +34,7 @@ def main(argv=None):
 
 def _run(args):
     from compress.config import load_config
-    from compress.runner import Runner, is_writer, print_listing
+    from compress.runner import Runner, format_seconds, is_writer, print_listing
     from compress.stages import stage_sections
 
     cfg = load_config(args.config, args.opt, stage_sections=stage_sections())
@@ -44,10 +45,15 @@ def _run(args):
     if args.rollback_to:
         runner.rollback(args.rollback_to)
         return 0
-    if cfg.Global.demo_data and not args.dry_run and is_writer():
-        from compress.data.demo import generate_demo_data
-        generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
-    runner.run(dry_run=args.dry_run)
+    started = time.time()
+    try:
+        if cfg.Global.demo_data and not args.dry_run and is_writer():
+            from compress.data.demo import generate_demo_data
+            generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
+        runner.run(dry_run=args.dry_run)
+    finally:
+        if not args.dry_run and is_writer():
+            print(f"total {format_seconds(time.time() - started)} (run dir {runner.run_dir})", flush=True)
     return 0
 
 

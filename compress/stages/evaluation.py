@@ -1,7 +1,9 @@
 """Stages ``baseline`` (load the trained model, evaluate, record its size) and ``eval`` (re-evaluate the head), and
 the fidelity measurement every stage shares: agreement with the baseline's own outputs on the Fidelity split
 (:mod:`compress.fidelity`), against the reference the baseline stage stores in its checkpoint."""
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,7 +11,6 @@ from compress.errors import CheckpointError
 from compress.fidelity import REFERENCE_FILE, FidelityReference, agreement_of, compute_reference, measure_fidelity
 from compress.measure import count_flops, count_params
 from compress.stages.base import Stage, StageResult, register_stage
-from compress.tasks import dygraph_predictor
 
 
 def model_facts(model, ctx):
@@ -35,12 +36,53 @@ def fidelity_reference(ctx):
 
 def fidelity_metrics(ctx, predict, desc=None):
     """Agreement of ``predict`` with the baseline on the Fidelity split, on its ``stage_limit`` images spread over
-    it (empty dict without a Fidelity split)."""
+    it (empty dict without a Fidelity split). ``predict`` may be a dygraph model: it is then run as a Paddle
+    Inference predictor (:func:`inference_predict`)."""
     reference = fidelity_reference(ctx)
     if reference is None:
         return {}
-    return measure_fidelity(ctx.task, predict, reference, desc=desc or f"fidelity {ctx.model_name}",
-                            limit=ctx.model_cfg.Fidelity.stage_limit)
+    with inference_predict(predict, ctx) as run:
+        return measure_fidelity(ctx.task, run, reference, desc=desc or f"fidelity {ctx.model_name}",
+                                limit=ctx.model_cfg.Fidelity.stage_limit)
+
+
+def measure_model(ctx, model, desc, limit=None, split="eval"):
+    """The labelled metrics of a dygraph model on ``split`` plus its fidelity to the baseline, both through one
+    Paddle Inference export of it (:func:`inference_predict`)."""
+    with inference_predict(model, ctx) as run:
+        metrics = ctx.task.evaluate(run, split=split, limit=limit, desc=desc)
+        metrics.update(fidelity_metrics(ctx, run))
+    return metrics
+
+
+@contextlib.contextmanager
+def inference_predict(model, ctx):
+    """``predict(images) -> output`` for a dygraph model through Paddle Inference (oneDNN, the deploy config's
+    passes), which runs PP-OCRv4 rec about 6x faster than dygraph on CPU; anything that is not a ``paddle.nn.Layer``
+    (already a predict callable) is passed through. The temporary export is removed afterwards.
+
+    A copy of the model is exported: ``paddle.jit.save`` leaves its layers converted, and PaddleSlim's dependency
+    trace of the same model object afterwards finds far fewer prunable convs (PP-OCRv4 rec: 6 instead of 20).
+    """
+    import copy
+
+    import paddle
+
+    if not isinstance(model, paddle.nn.Layer):
+        yield model
+        return
+    from export.deploy import DeploySettings, build_deploy_config
+    from export.exporter import export_inference_model
+    from export.predictor import create_predictor
+
+    model_cfg = ctx.model_cfg
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as folder:
+        export_inference_model(copy.deepcopy(model), folder, model_cfg.Input, model_cfg.task)
+        deploy = build_deploy_config(model_cfg.task, model_cfg.Input, "paddle_cpu", "fp32",
+                                     DeploySettings(threads=ctx.global_cfg.threads))
+        predictor = create_predictor(folder, deploy)
+        name = predictor.input_names[0]
+        yield lambda images: predictor.run({name: images})[0]
 
 
 @dataclass(frozen=True)
@@ -64,11 +106,11 @@ class BaselineStage(Stage):
         from compress.models import build_model
         model_cfg = ctx.model_cfg
         model = build_model(dict(model_cfg.Architecture), _weights_dict(model_cfg.Weights), model_cfg.base_dir)
-        metrics = ctx.task.evaluate(dygraph_predictor(model), limit=cfg.eval_limit,
-                                    desc=f"baseline {ctx.model_name}")
+        with inference_predict(model, ctx) as run:
+            metrics = ctx.task.evaluate(run, limit=cfg.eval_limit, desc=f"baseline {ctx.model_name}")
+            reference = compute_reference(ctx.task, run)
         metrics.update(model_facts(model, ctx))
         message = ""
-        reference = compute_reference(ctx.task, dygraph_predictor(model))
         if reference is not None:
             reference.save(os.path.join(ctx.out_dir, REFERENCE_FILE))
             metrics.update(agreement_of(reference, reference.outputs))
@@ -109,8 +151,6 @@ class EvalStage(Stage):
     summary = "evaluate the current model"
 
     def run(self, model, cfg, ctx):
-        metrics = ctx.task.evaluate(dygraph_predictor(model), split=cfg.split, limit=cfg.limit,
-                                    desc=f"eval {ctx.model_name}")
+        metrics = measure_model(ctx, model, f"eval {ctx.model_name}", limit=cfg.limit, split=cfg.split)
         metrics.update(model_facts(model, ctx))
-        metrics.update(fidelity_metrics(ctx, dygraph_predictor(model)))
         return StageResult(model=model, metrics=metrics)

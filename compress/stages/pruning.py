@@ -14,7 +14,9 @@ from typing import List, Literal, Optional
 from compress.checkpoint import atomic_write_json, atomic_write_text
 from compress.errors import CheckpointError, ConfigError
 from compress.measure import count_flops, count_params
+from compress.fidelity import summary as fidelity_summary
 from compress.stages.base import Stage, StageResult, register_stage
+from compress.stages.evaluation import measure_model
 from compress.tasks import dygraph_predictor
 
 DEFAULT_SKIP = ("head.*",)
@@ -182,7 +184,10 @@ class PruneConfig:
     # after slicing, re-solve the layers that lost inputs by ridge least squares to the unpruned model's outputs
     # on Calibration samples (compress.pruning.reconstruction); their weights are saved with the checkpoint
     reconstruct: bool = False
-    reconstruct_limit: Optional[int] = 64  # Calibration samples (det: pages, rec: text lines); null: all
+    reconstruct_limit: Optional[int] = 64  # images (det: pages, rec: text lines); null: all
+    # a folder of unlabelled images to reconstruct on (paths relative to the project root); null: the Calibration
+    # split
+    reconstruct_images: Optional[str] = None
     reconstruct_damp: float = 0.01  # ridge damping relative to the mean diagonal of X^T X
     reconstruct_layers: Literal["pruned_inputs", "all"] = "pruned_inputs"  # all: every dense layer downstream
     reconstruct_rows: int = 4096  # output positions sampled per batch and layer
@@ -259,7 +264,7 @@ class PruneStage(Stage):
         model.eval()
         atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
         atomic_write_text(os.path.join(ctx.out_dir, "plan.txt"), format_plan(plan) + "\n")
-        metrics = ctx.task.evaluate(dygraph_predictor(model), desc=f"pruned {ctx.model_name}")
+        metrics = measure_model(ctx, model, f"pruned {ctx.model_name}")
         shape = [1] + list(ctx.model_cfg.Input.example_shape)
         metrics.update(params=count_params(model), flops=count_flops(model, shape),
                        plan_flops_before=plan.flops_before, plan_flops_after=plan.flops_after,
@@ -277,6 +282,8 @@ class PruneStage(Stage):
             metrics["reconstruct_seconds"] = round(reconstruction.seconds, 1)
             what = "reconstructed" if cfg.reconstruct else "statistics-corrected"
             message += f", {what}: {reconstruction.summary()} in {reconstruction.seconds:.0f}s"
+        if "fidelity" in metrics:
+            message += f"; {fidelity_summary(metrics)}"
         return StageResult(model=model, metrics=metrics, metadata=metadata, weights_changed=True, message=message)
 
     @staticmethod
@@ -285,7 +292,10 @@ class PruneStage(Stage):
         config = ReconstructionConfig(damp=cfg.reconstruct_damp, layers=cfg.reconstruct_layers,
                                       max_rows=cfg.reconstruct_rows, stats_correction=cfg.stats_correction,
                                       solve=cfg.reconstruct)
-        batches = list(ctx.task.input_batches("calibration", limit=cfg.reconstruct_limit))
+        if cfg.reconstruct_images:
+            batches = list(ctx.task.image_batches(cfg.reconstruct_images, limit=cfg.reconstruct_limit))
+        else:
+            batches = list(ctx.task.input_batches("calibration", limit=cfg.reconstruct_limit))
         return reconstruct(model, teacher, plan, batches, config, trace=trace, show_progress=ctx.task.show_progress)
 
     def restore(self, model, cfg, metadata):

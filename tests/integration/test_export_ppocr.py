@@ -39,7 +39,8 @@ def export_run(demo_data, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(ROOT)  # model configs name their data relative to the project root
     try:
-        runner = Runner(load_config(str(path), stage_sections=sections), log=lambda line: None)
+        overrides = ["Models.det.Fidelity.limit=2", "Models.rec.Fidelity.limit=16"]
+        runner = Runner(load_config(str(path), overrides, stage_sections=sections), log=lambda line: None)
         manifest = runner.run()
     finally:
         os.chdir(cwd)

@@ -54,3 +54,24 @@ def test_baseline_agrees_with_itself_and_a_perturbed_layer_lowers_it(demo_data, 
     weights.set_value(weights.numpy() + noise_scale * noise * float(np.abs(weights.numpy()).mean()))
     lowered = measure_fidelity(task, dygraph_predictor(perturbed), reference)
     assert lowered["fidelity"] < 0.9, lowered
+
+
+def test_measuring_through_paddle_inference_leaves_the_model_traceable(demo_data):
+    """paddle.jit.save of a model object changes what PaddleSlim's dependency trace finds in it afterwards (PP-OCRv4
+    rec: 6 prunable convs instead of 20): the fast fidelity path must export a copy."""
+    import types
+
+    from compress.pruning.selection import prunable_layers
+    from compress.pruning.trace import trace_model
+    from compress.stages.evaluation import inference_predict
+    from compress.tasks import dygraph_predictor
+
+    build, task = _model_and_task("rec", ["Models.rec.Eval.limit=8"])
+    model = build()
+    before = prunable_layers(model, ("head.*",), trace=trace_model(model, [task.example_input()]), round_to=8)
+    ctx = types.SimpleNamespace(model_cfg=task.cfg, global_cfg=types.SimpleNamespace(threads=1))
+    with inference_predict(model, ctx) as run:
+        fast = task.evaluate(run)
+    after = prunable_layers(model, ("head.*",), trace=trace_model(model, [task.example_input()]), round_to=8)
+    assert len(before) >= 20 and after == before
+    assert fast["acc"] == task.evaluate(dygraph_predictor(model))["acc"]  # the same readings, 6x faster

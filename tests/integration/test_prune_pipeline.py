@@ -42,6 +42,7 @@ def pruned_run(demo_data, tmp_path_factory):
     overrides = [f"Global.run_dir={run_dir}", "Global.show_progress=false",
                  "Pipeline=[baseline, sensitivity, prune]",
                  "Models.det.Eval.limit=3", "Models.rec.Eval.limit=32",
+                 "Models.det.Fidelity.limit=2", "Models.rec.Fidelity.limit=32",
                  "Sensitivity.ratios=[0.5]", "Sensitivity.limit=1", "Sensitivity.per_model={rec: {limit: 8}}",
                  "Prune.flops_target=0.35", "Prune.per_model.rec.mode=flops_target",
                  "Prune.reconstruct=true", "Prune.reconstruct_limit=2"]

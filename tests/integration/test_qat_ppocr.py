@@ -38,6 +38,7 @@ def test_qat_real_rec_model_writes_and_evaluates_int8_models(demo_data, tmp_path
     overrides = [f"Models.rec.{split}.{key}={value}" for split, name in (("Train", "train"), ("Eval", "eval"),
                                                                           ("Calibration", "calib"))
                  for key, value in (("data_dir", rec), ("label_file", os.path.join(rec, f"{name}.txt")))]
+    overrides += [f"Models.rec.Fidelity.data_dir={rec}/fidelity", "Models.rec.Fidelity.limit=16"]
     cfg = load_config(str(path), overrides, stage_sections={"Baseline", "Quant"})
     manifest = Runner(cfg, log=lambda line: None).run()
 
