@@ -204,10 +204,15 @@ class FidelityConfig:
     # images measured by the stages before compare (prune, finetune, quant), spread evenly over the split; the
     # compare stage always measures every image. null: all
     stage_limit: Optional[int] = None
+    # rec: ``fidelity`` (and its gates) counts the lines the baseline reads with at least this confidence (CTC mean
+    # character probability): what it knows; every line is reported too (fidelity_all). null: every line
+    min_score: Optional[float] = None
 
     def validate(self, where):
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1 or null, got {self.batch_size}")
+        if self.min_score is not None and not 0.0 <= self.min_score < 1.0:
+            raise ConfigError(f"{where}.min_score: must be in [0, 1) or null (every line), got {self.min_score}")
         for key in ("limit", "stage_limit"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be >= 1 or null (all images), got {getattr(self, key)}")

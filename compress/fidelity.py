@@ -25,7 +25,7 @@ from tqdm import tqdm
 from compress.errors import CheckpointError
 
 REFERENCE_FILE = "fidelity_reference.json"
-REFERENCE_FORMAT = 1
+REFERENCE_FORMAT = 2
 SCRIPTS = ("latin", "cjk", "mixed")
 DET_IOU = 0.5
 MIN_SCRIPT_LINES = 10  # a script with fewer reference lines is reported but not gated
@@ -63,12 +63,15 @@ def normalized_similarity(reference, candidate):
     return 1.0 if longest == 0 else 1.0 - Levenshtein.distance(reference, candidate) / longest
 
 
-def rec_agreement(reference, candidate):
+def rec_agreement(reference, candidate, confident=None):
     """Agreement of candidate strings with the reference strings, overall and per script of the reference.
 
     Args:
         reference: the baseline's decoded strings.
         candidate: the compared model's decoded strings for the same images, in the same order.
+        confident: per line, whether the baseline reads it confidently; when given, the ``fidelity*`` keys are
+            measured on the confident lines only, and ``fidelity_all``, ``fidelity_ned_all``, ``fidelity_lines_all``
+            on every line.
 
     Returns:
         dict: ``fidelity`` (exact agreement), ``fidelity_ned`` (mean 1 - NED), ``fidelity_lines``, and per script
@@ -77,6 +80,13 @@ def rec_agreement(reference, candidate):
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(candidate)} candidate strings for {len(reference)} reference strings")
+    if confident is not None:
+        every = rec_agreement(reference, candidate)
+        kept = [i for i, flag in enumerate(confident) if flag]
+        out = rec_agreement([reference[i] for i in kept], [candidate[i] for i in kept]) if kept else {}
+        out.update(fidelity_all=every["fidelity"], fidelity_ned_all=every["fidelity_ned"],
+                   fidelity_lines_all=every["fidelity_lines"])
+        return out
     groups = {"": list(range(len(reference)))}
     for index, text in enumerate(reference):
         groups.setdefault(script_of(text), []).append(index)
@@ -138,16 +148,26 @@ class FidelityReference:
         task: ``det`` or ``rec``.
         images: the image files, relative to the Fidelity ``data_dir`` (the order of ``outputs``).
         outputs: rec: one decoded string per image; det: per image a list of boxes ([[x, y], ...]).
+        scores: rec: the baseline's confidence in each string (CTC mean character probability); det: empty.
     """
 
     task: str
     images: List[str]
     outputs: list
+    scores: list = dataclasses.field(default_factory=list)
+
+    def confident(self, min_score, indices=None):
+        """Per image (at ``indices``): is the baseline's reading confident (score >= ``min_score``)? None when
+        ``min_score`` is None or there are no scores (det)."""
+        if min_score is None or not self.scores:
+            return None
+        chosen = range(len(self.scores)) if indices is None else indices
+        return [self.scores[i] >= min_score for i in chosen]
 
     def save(self, path):
         from compress.checkpoint import atomic_write_json
         atomic_write_json(path, {"format": REFERENCE_FORMAT, "task": self.task, "images": self.images,
-                                 "outputs": self.outputs})
+                                 "outputs": self.outputs, "scores": self.scores})
 
     @classmethod
     def load(cls, path):
@@ -160,10 +180,10 @@ class FidelityReference:
         if data.get("format") != REFERENCE_FORMAT:
             raise CheckpointError(f"{path}: fidelity reference format {data.get('format')!r}, expected "
                                   f"{REFERENCE_FORMAT}; re-run the baseline stage (--rollback-to baseline)")
-        return cls(data["task"], list(data["images"]), list(data["outputs"]))
+        return cls(data["task"], list(data["images"]), list(data["outputs"]), list(data.get("scores", [])))
 
 
-def decode_outputs(task, predict, batches, desc="fidelity", show_progress=True):
+def decode_outputs(task, predict, batches, desc="fidelity", show_progress=True, scores=None):
     """The model's decoded outputs on fidelity batches: rec strings, or det boxes per page.
 
     Args:
@@ -171,12 +191,16 @@ def decode_outputs(task, predict, batches, desc="fidelity", show_progress=True):
         predict: callable(NCHW float array) -> model output (rec probabilities / det probability maps).
         batches: list of (images NCHW, shapes or None) from ``Task.fidelity_batches``.
         desc: progress bar label.
+        scores: a list that receives each rec string's confidence (CTC mean character probability).
     """
     outputs = []
     for images, shapes in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
         raw = predict(images)
         if task.task == "rec":
-            outputs += [text for text, _score in task.post_process(raw)]
+            decoded = task.post_process(raw)
+            outputs += [text for text, _score in decoded]
+            if scores is not None:
+                scores += [round(float(score), 6) for _text, score in decoded]
         else:
             post = task.post_process({"maps": raw}, shapes)
             outputs += [np.asarray(page["points"]).round(2).tolist() for page in post]
@@ -188,9 +212,10 @@ def compute_reference(task, predict):
     if task.cfg.Fidelity is None:
         return None
     images, batches = task.fidelity_batches()
+    scores = []
     outputs = decode_outputs(task, predict, batches, desc=f"fidelity reference {task.task}",
-                             show_progress=task.show_progress)
-    return FidelityReference(task.task, images, outputs)
+                             show_progress=task.show_progress, scores=scores)
+    return FidelityReference(task.task, images, outputs, scores)
 
 
 def subset_indices(count, limit):
@@ -218,15 +243,16 @@ def measure_fidelity(task, predict, reference, desc=None, limit=None):
                               f"baseline stage (--rollback-to baseline)")
     outputs = decode_outputs(task, predict, batches, desc=desc or f"fidelity {task.task}",
                              show_progress=task.show_progress)
-    return agreement_of(reference, outputs, indices)
+    return agreement_of(reference, outputs, indices, task.cfg.Fidelity.min_score)
 
 
-def agreement_of(reference, outputs, indices=None):
-    """:func:`rec_agreement` or :func:`det_agreement` of ``outputs`` with a reference (at ``indices`` of it), by
-    its task."""
+def agreement_of(reference, outputs, indices=None, min_score=None):
+    """:func:`rec_agreement` (on the lines the baseline reads with at least ``min_score``) or
+    :func:`det_agreement` of ``outputs`` with a reference (at ``indices`` of it), by its task."""
     expected = reference.outputs if indices is None else [reference.outputs[i] for i in indices]
-    agreement = rec_agreement if reference.task == "rec" else det_agreement
-    return agreement(expected, outputs)
+    if reference.task == "rec":
+        return rec_agreement(expected, outputs, reference.confident(min_score, indices))
+    return det_agreement(expected, outputs)
 
 
 def fidelity_drops(metrics, reference_metrics=None, scripts=True):
@@ -286,6 +312,8 @@ def summary(metrics):
     if "fidelity" not in metrics:
         return ""
     parts = [f"{s} {metrics[f'fidelity_{s}']:.3f}" for s in SCRIPTS if f"fidelity_{s}" in metrics]
+    if "fidelity_all" in metrics:
+        parts.append(f"all lines {metrics['fidelity_all']:.3f}")
     return f"fidelity {metrics['fidelity']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
 
 

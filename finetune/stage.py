@@ -56,6 +56,22 @@ def load_teacher(ctx):
     return load_weights(teacher, os.path.join(folder, WEIGHTS_FILE), f"model '{ctx.model_name}' (teacher)")
 
 
+def nothing_to_recover(ctx):
+    """True when a prune stage ran before this one but removed nothing, and no stage but ``baseline`` saved
+    weights: the model is the baseline itself. (A pipeline without prune may fine-tune the baseline on purpose.)"""
+    from compress.checkpoint import DONE
+    from compress.runner import WEIGHTS_FILE
+
+    saved = []
+    for stage in ctx.manifest.data.get("pipeline", [])[:ctx.stage_index]:
+        entry = ctx.manifest.entry(stage, ctx.model_name) or {}
+        if entry.get("status") == DONE and WEIGHTS_FILE in entry.get("files", {}):
+            saved.append(stage)
+    prune = ctx.manifest.entry("prune", ctx.model_name) or {}
+    return saved == ["baseline"] and prune.get("status") == DONE and "prune" in ctx.manifest.data.get(
+        "pipeline", [])[:ctx.stage_index]
+
+
 def gate_message(main, best, baseline, max_drop):
     """None when ``best`` is within ``max_drop`` of ``baseline``, else the one-line reason and what to change."""
     if max_drop is None or baseline is None or best >= baseline - max_drop - 1e-12:
@@ -87,6 +103,10 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
         raise InputError(f"{ctx.model_cfg.source_file}: Train: section missing; {section} needs data_dir, "
                          f"label_file and transforms of a training split")
     task = ctx.task
+    if cfg.select_split == "calibration" and ctx.model_cfg.Calibration is None:
+        raise InputError(f"{ctx.model_cfg.source_file}: Calibration: section missing; {section}.select_split: "
+                         f"calibration chooses the best step on it: add a Calibration split, or set select_split: "
+                         f"eval (which tunes on the split the stage reports)")
     if cfg.optimizer.weight_decay is None:
         cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task.task)))
     seed = ctx.global_cfg.seed
@@ -135,6 +155,9 @@ class FinetuneStage(Stage):
     summary = "low-learning-rate recovery training with early stopping and an accuracy gate"
 
     def run(self, model, cfg, ctx):
+        if nothing_to_recover(ctx):
+            return StageResult(model=model, message="skipped: the prune stage removed nothing, the model is the "
+                                                    "baseline")
         trainer = build_task_trainer(model, cfg, ctx, lambda: load_teacher(ctx), ctx.work_dir or None)
         input_weights = copy_weights(model)
         try:

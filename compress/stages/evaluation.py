@@ -113,7 +113,7 @@ class BaselineStage(Stage):
         message = ""
         if reference is not None:
             reference.save(os.path.join(ctx.out_dir, REFERENCE_FILE))
-            metrics.update(agreement_of(reference, reference.outputs))
+            metrics.update(agreement_of(reference, reference.outputs, min_score=ctx.model_cfg.Fidelity.min_score))
             message = f"fidelity reference: {len(reference.images)} {_unit(ctx.task.task)}"
         return StageResult(model=model, metrics=metrics, weights_changed=True, message=message)
 

@@ -253,6 +253,11 @@ class PruneStage(Stage):
         started = time.time()
         trace, stats = _trace(model, ctx), activation_stats(model, cfg, ctx)
         plan = self.plan(model, cfg, ctx, stats=stats, trace=trace)
+        if not plan.tensors:  # e.g. mode uniform with ratio 0: the model stays as it is, weights not saved again
+            atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
+            return StageResult(model=model, metadata={"plan": json.loads(plan.to_json())},
+                               metrics={"flops_reduction": 0.0, "params_reduction": 0.0},
+                               message="nothing pruned: the plan removes no channel")
         compensation = plan_compensation(model, plan, stats, trace) if cfg.compensate else None
         plan_seconds = time.time() - started
         teacher = copy.deepcopy(model) if cfg.reconstruct or cfg.stats_correction else None

@@ -46,7 +46,7 @@ def test_baseline_agrees_with_itself_and_a_perturbed_layer_lowers_it(demo_data, 
     if name == "rec":
         assert same["fidelity_ned"] == 1.0
         spread = measure_fidelity(task, dygraph_predictor(build()), reference, limit=16)  # a stage_limit subset
-        assert spread["fidelity"] == 1.0 and spread["fidelity_lines"] == 16
+        assert spread["fidelity"] == 1.0 and spread["fidelity_lines_all"] == 16
 
     perturbed = build()
     weights = dict(perturbed.named_parameters())["backbone.blocks4.0.pw_conv.reparam_conv.weight"]

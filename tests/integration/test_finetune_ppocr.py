@@ -40,7 +40,7 @@ def write_pipeline(tmp_path, demo_data):
                  "Models.rec.Train.limit=64", f"Models.rec.Eval.data_dir={rec}",
                  f"Models.rec.Eval.label_file={rec}/eval.txt", "Models.rec.Eval.limit=32",
                  f"Models.rec.Calibration.data_dir={rec}", f"Models.rec.Calibration.label_file={rec}/calib.txt",
-                 f"Models.rec.Fidelity.data_dir={rec}/fidelity", "Models.rec.Fidelity.limit=48",
+                 f"Models.rec.Fidelity.data_dir={rec}/eval", "Models.rec.Fidelity.limit=48",
                  "Models.rec.Fidelity.stage_limit=24"]
     return str(path), overrides
 
@@ -61,7 +61,7 @@ def test_finetune_real_rec_model_few_steps(demo_data, tmp_path):
     # baseline itself, which agrees exactly) is evaluated first and kept unless beaten
     assert metrics["select_start_fidelity"] == 1.0 and metrics["select_fidelity_lines"] == 16
     assert metrics["select_fidelity"] == 1.0 and metrics["best_step"] == 0
-    assert metrics["fidelity"] == 1.0 and metrics["fidelity_lines"] == 24  # Fidelity.stage_limit of its 48 images
+    assert metrics["fidelity"] == 1.0 and metrics["fidelity_lines_all"] == 24  # Fidelity.stage_limit of its 48 images
     assert metrics["acc"] == pytest.approx(baseline["acc"])  # the whole (32-line) Eval split, reported apart
     assert metrics["acc"] > 0.3  # real weights read the demo text; a broken load scores ~0
     assert metrics["seconds_per_step"] > 0

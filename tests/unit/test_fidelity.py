@@ -165,3 +165,15 @@ def test_subset_indices_spread_over_the_split():
     assert subset_indices(10, 4) == [0, 3, 6, 9]
     chosen = subset_indices(3000, 600)
     assert len(chosen) == 600 and chosen[0] == 0 and chosen[-1] == 2999
+
+
+def test_rec_agreement_on_the_lines_the_baseline_reads_confidently():
+    reference = ["abc", "中文", "rare?", "价格12"]
+    candidate = ["abc", "中文", "rare!", "价格13"]
+    result = rec_agreement(reference, candidate, confident=[True, True, False, True])
+    assert result["fidelity"] == pytest.approx(2 / 3) and result["fidelity_lines"] == 3
+    assert result["fidelity_all"] == 0.5 and result["fidelity_lines_all"] == 4
+    assert result["fidelity_mixed"] == 0.0 and "fidelity_lines_latin" in result
+    ref = FidelityReference("rec", ["a", "b", "c", "d"], reference, [0.99, 0.97, 0.4, 0.96])
+    assert ref.confident(0.95) == [True, True, False, True] and ref.confident(0.95, [1, 2]) == [True, False]
+    assert ref.confident(None) is None and FidelityReference("det", ["a"], [[]]).confident(0.9) is None

@@ -13,7 +13,7 @@ import yaml
 
 from compress.config import ModelConfig, load_config, parse_section
 from compress.data.demo import DemoCounts, generate_demo_data
-from compress.errors import CheckpointError, GateError
+from compress.errors import CheckpointError, GateError, InputError
 from compress.models import build_model
 from compress.tasks import make_task
 import finetune.stage  # noqa: F401  (registers the stage)
@@ -282,7 +282,8 @@ def write_pipeline(tmp_path, demo_dir, finetune):
 
 def run_pipeline(tmp_path, demo_dir, baseline_metric=None, monkeypatch=None, **finetune):
     from compress.runner import Runner, StageContext
-    settings = {"max_steps": 2, "warmup_steps": 1, "eval_every": 2, **finetune}
+    # the tiny data set has no Calibration split: the best step is chosen on Eval here
+    settings = {"max_steps": 2, "warmup_steps": 1, "eval_every": 2, "select_split": "eval", **finetune}
     cfg = load_config(write_pipeline(tmp_path, demo_dir, settings), stage_sections={"Baseline", "Finetune"})
     if baseline_metric is not None:
         monkeypatch.setattr(StageContext, "baseline_metrics", lambda self: {"hmean": baseline_metric})
@@ -365,3 +366,9 @@ def test_loss_section_is_checked_against_the_ppocr_loss():
         build_task_loss("det", {"alhpa": 3})
     with pytest.raises(ConfigError, match="Finetune.loss"):
         build_task_loss("det", {"name": "NoSuchLoss"})
+
+
+def test_selection_on_a_missing_calibration_split_is_a_one_line_error(demo_dir, tmp_path):
+    runner, _ = run_pipeline(tmp_path, demo_dir, select_split="calibration")
+    with pytest.raises(InputError, match=r"Calibration: section missing; Finetune\.select_split: calibration"):
+        runner.run()
