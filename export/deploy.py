@@ -298,7 +298,7 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
         "Model": {
             "task": model_cfg.task,
             "precision": precision,
-            "files": {"paddle": os.path.basename(files.model_file),
+            "files": {"paddle": os.path.basename(files.model_file) if files.format != "onnx" else None,
                       "params": os.path.basename(files.params_file) if files.params_file else None,
                       "onnx": onnx_file},
         },

@@ -213,15 +213,25 @@ class _ExportJob:
         """Copy the quant stage's INT8 models (those that passed its gate) and check them."""
         passed = set(quant_metadata.get("passed_backends", BACKENDS))
         source = os.path.join(quant_dir, QUANT_INT8_DIR)
-        if "paddle_cpu" not in passed or not os.path.isdir(source):
-            self.notes.append(f"{INT8_DIR} skipped: the quant stage has no passing Paddle INT8 model")
+        paddle_int8 = "paddle_cpu" in passed and os.path.isdir(source)
+        ort_int8 = _quant_onnx_int8(quant_dir, quant_metadata) if "onnxruntime" in self.cfg.backends else None
+        if not paddle_int8 and not (ort_int8 and "onnxruntime" in passed):
+            self.notes.append(f"{INT8_DIR} skipped: the quant stage has no INT8 model that passed its gate")
             return
         out = os.path.join(self.ctx.out_dir, INT8_DIR)
+        if not paddle_int8:  # ONNX Runtime INT8 alone (e.g. Quant.backends: [onnxruntime])
+            os.makedirs(out)
+            shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
+            self.metrics[f"{INT8_DIR}/onnx_bytes"] = os.path.getsize(os.path.join(out, ONNX_FILE))
+            deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, "onnxruntime", "int8",
+                                           self.cfg.settings())]
+            self._write_bundle(out, "int8", deploys, ONNX_FILE)
+            self._check(INT8_DIR, out, ONNX_FILE, deploys, inputs, reference)
+            return
         files = _copy_model(source, out)
         self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
         onnx_file = None
         if "onnxruntime" in self.cfg.backends:
-            ort_int8 = _quant_onnx_int8(quant_dir, quant_metadata)
             if ort_int8 and "onnxruntime" in passed:
                 shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
                 onnx_file = ONNX_FILE

@@ -660,8 +660,15 @@ def e2e_rows(det_variants, rec_variants, det_cfg, settings, limit=None, log=prin
         rate and line accuracy in ``metrics``; latency per page).
     """
     rec_by_key = {(v.run, v.name, v.deploy_key): v for v in rec_variants if v.deploy_key}
-    pairs = [(d, rec_by_key[(d.run, d.name, d.deploy_key)]) for d in det_variants
-             if (d.run, d.name, d.deploy_key) in rec_by_key]
+    # a model no stage changed exports only fp32/, which is its baseline: the baseline det pairs with it
+    rec_baselines = {(v.run, v.deploy_key): v for v in rec_variants if v.deploy_key and v.baseline}
+    pairs = []
+    for det in det_variants:
+        rec = rec_by_key.get((det.run, det.name, det.deploy_key))
+        if rec is None and det.baseline:
+            rec = rec_baselines.get((det.run, det.deploy_key))
+        if rec is not None:
+            pairs.append((det, rec))
     if not any(d.stage == "baseline" for d, _ in pairs):
         return []
     pages = read_e2e_pages(det_cfg, limit)
