@@ -347,9 +347,9 @@ def output_digest(model, task):
 
 
 def set_threads(threads):
-    """CPU math threads for dygraph execution (Paddle 2.6 has no public ``paddle.set_num_threads``)."""
-    from paddle.base import core
-    core.set_num_threads(int(threads))
+    """CPU math threads for dygraph execution (:func:`compress.threads.set_threads`)."""
+    from compress import threads as math_threads
+    math_threads.set_threads(threads)
 
 
 def load_weights(model, path, what):

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from compress import threads as math_threads
 from compress.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -353,6 +354,7 @@ def _paddle_predictor(files, deploy, backend, reason):
             handle.reshape(array.shape)
             handle.copy_from_cpu(array)
         predictor.run()
+        math_threads.restore()  # the run reset this thread's dygraph math threads
         return [predictor.get_output_handle(name).copy_to_cpu() for name in output_names]
 
     return Predictor(backend, reason, run, input_names, output_names)
