@@ -116,6 +116,23 @@ def fpgm(group, weights):
     return FilterScores(distances.sum(axis=1), "fpgm")
 
 
+def _measured_consumers(group, weights, measured):
+    """(layer, float64 weight, input axis, origin) for each member of ``group`` that consumes its channels on the
+    input axis and whose layer is in ``measured``; ``origin`` maps each consumer input channel to the master channel
+    it carries (-1: not from this group, e.g. another concat input)."""
+    for member in group.members:
+        layer, _, leaf = member.name.rpartition(".")
+        if leaf != "weight" or layer not in measured:
+            continue
+        weight = np.asarray(weights[member.name], dtype="float64")
+        axis = 1 if weight.ndim == 4 else 0  # conv OIHW / Linear [in, out]
+        if member.axis != axis:
+            continue
+        origin = transform_mask(np.arange(group.channels) + 2.0, member.transforms).astype("int64") - 2
+        if origin.shape == (weight.shape[axis],):
+            yield layer, weight, axis, origin
+
+
 @register_criterion("activation")
 def activation(group, weights, stats):
     """How much each channel moves its consumers: ``std(x_c) * ||W[:, c]||`` summed over the dense convs and
@@ -123,18 +140,7 @@ def activation(group, weights, stats):
     :mod:`compress.pruning.compensation`). Pairs with bias compensation, which restores a removed channel's mean:
     what is lost is then its variation. L1 norm when no consumer was measured (e.g. the group feeds only a head)."""
     scores, consumers = np.zeros(group.channels), 0
-    for member in group.members:
-        layer, _, leaf = member.name.rpartition(".")
-        if leaf != "weight" or layer not in stats.stds:
-            continue
-        weight = np.asarray(weights[member.name], dtype="float64")
-        axis = stats.input_axis(weight)
-        if member.axis != axis:
-            continue
-        # consumer input channel -> master channel it carries (-1: not from this group, e.g. another concat input)
-        origin = transform_mask(np.arange(group.channels) + 2.0, member.transforms).astype("int64") - 2
-        if origin.shape != (weight.shape[axis],):
-            continue
+    for layer, weight, axis, origin in _measured_consumers(group, weights, stats.stds):
         norms = np.sqrt((np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1) ** 2).sum(axis=1))
         carried = origin >= 0
         np.add.at(scores, origin[carried], (stats.stds[layer] * norms)[carried])
@@ -154,18 +160,10 @@ OBS_GREEDY_FRACTION = 0.9  # channels removed one by one with OBS updates; the r
 def _obs_consumers(group, weights, stats):
     """(inverse damped Gram, weight matrix with a bias row, master channel -> its columns) per measured consumer."""
     consumers = []
-    for member in group.members:
-        layer, _, leaf = member.name.rpartition(".")
-        gram = stats.grams.get(layer)
-        if leaf != "weight" or gram is None:
-            continue
-        weight = np.asarray(weights[member.name], dtype="float64")
-        axis = stats.input_axis(weight)
-        if member.axis != axis:
-            continue
-        origin = transform_mask(np.arange(group.channels) + 2.0, member.transforms).astype("int64") - 2
+    for layer, weight, _axis, origin in _measured_consumers(group, weights, stats.grams):
+        gram = stats.grams[layer]
         matrix = weight if weight.ndim == 2 else weight.reshape(weight.shape[0], -1).T
-        if origin.shape != (weight.shape[axis],) or matrix.shape[0] + 1 != gram.gram.shape[0]:
+        if matrix.shape[0] + 1 != gram.gram.shape[0]:
             continue
         h = gram.gram.copy()
         diagonal = np.arange(matrix.shape[0])
