@@ -6,7 +6,10 @@ labels (a folder of the user's own production images works as well as the genera
 
 * rec: the fraction of lines whose decoded string equals the baseline's decoded string (``fidelity``), the mean
   1 - normalised edit distance to it (``fidelity_ned``), both also per script of the baseline's string
-  (``latin``: no CJK characters; ``cjk``: CJK characters and no ASCII letters or digits; ``mixed``: both);
+  (``latin``: no CJK characters; ``cjk``: CJK characters and no ASCII letters or digits; ``mixed``: both). With
+  ``Fidelity.min_score`` these count the lines the baseline reads with at least that confidence (what it knows;
+  where it guesses, any change of the model changes the guess), and ``fidelity_all`` / ``fidelity_ned_all`` every
+  line;
 * det: the hmean of the model's boxes with the baseline's boxes as the reference (IoU 0.5, PP-OCR's
   ``DetectionIoUEvaluator``), also precision and recall.
 
