@@ -203,6 +203,18 @@ class Manifest:
     def abs_dir(self, entry):
         return os.path.join(self.run_dir, entry["dir"])
 
+    def weight_stages(self, model, until_stage=None, weights_file="model.pdparams"):
+        """The finished stages of ``model``, in pipeline order before ``until_stage`` (None: all), whose checkpoint
+        saved weights (``weights_file``)."""
+        stages = []
+        for stage in self.data.get("pipeline", []):
+            if stage == until_stage:
+                break
+            entry = self.entry(stage, model) or {}
+            if entry.get("status") == DONE and weights_file in entry.get("files", {}):
+                stages.append(stage)
+        return stages
+
     def verified_dir(self, stage, model):
         """The checkpoint dir of a finished (stage, model) after checking every recorded file's sha256."""
         entry = self.entry(stage, model)

@@ -19,13 +19,12 @@ exactly 1.0 by construction.
 """
 import dataclasses
 import json
-import os
 from typing import Dict, List
 
 import numpy as np
 from tqdm import tqdm
 
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, ConfigError
 
 REFERENCE_FILE = "fidelity_reference.json"
 REFERENCE_FORMAT = 2
@@ -258,6 +257,14 @@ def agreement_of(reference, outputs, indices=None, min_score=None):
     return det_agreement(expected, outputs)
 
 
+def validate_fidelity_limits(cfg, where):
+    """ConfigError when a section's ``max_fidelity_drop`` / ``max_script_fidelity_drop`` is negative."""
+    for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {value}")
+
+
 def fidelity_drops(metrics, reference_metrics=None, scripts=True):
     """Fidelity drops in points (100 x (reference - measured)) for gating.
 
@@ -318,17 +325,6 @@ def summary(metrics):
     if "fidelity_all" in metrics:
         parts.append(f"all lines {metrics['fidelity_all']:.3f}")
     return f"fidelity {metrics['fidelity']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def list_images(folder):
-    """Image files under ``folder`` (recursively), sorted, relative to it."""
-    suffixes = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-    found = []
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if name.lower().endswith(suffixes):
-                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
-    return sorted(found)
 
 
 def strip_label_ops(transforms, task):

@@ -162,21 +162,12 @@ class Task:
 
         from ppocr.data.imaug import create_operators, transform
 
-        from compress.data.labels import read_image_list
-        from compress.fidelity import list_images, strip_label_ops
+        from compress.data.labels import image_paths
+        from compress.fidelity import strip_label_ops
 
         folder = self.cfg.path(data_dir)
-        if label_file:
-            paths = [str(p) for p in read_image_list(self.cfg.path(label_file), folder)]
-        else:
-            if not os.path.isdir(folder):
-                raise InputError(f"{self.cfg.source_file}: {where}: {folder} is not a folder; point data_dir at a "
-                                 f"folder of images")
-            paths = [os.path.join(folder, name) for name in list_images(folder)]
-        paths = paths[:limit] if limit else paths
-        if not paths:
-            raise InputError(f"{self.cfg.source_file}: {where}: no images under {folder}; add .jpg/.png files or "
-                             f"fix data_dir / label_file")
+        paths = image_paths(folder, self.cfg.path(label_file) if label_file else None, limit,
+                            where=f"{self.cfg.source_file}: {where}")
         transforms = transforms if transforms is not None else strip_label_ops(self.cfg.Eval.transforms, self.task)
         ops = create_operators(copy.deepcopy([dict(t) for t in transforms]), self.global_config)
         samples = []

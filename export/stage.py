@@ -219,17 +219,11 @@ class _ExportJob:
             self.notes.append(f"{INT8_DIR} skipped: the quant stage has no INT8 model that passed its gate")
             return
         out = os.path.join(self.ctx.out_dir, INT8_DIR)
-        if not paddle_int8:  # ONNX Runtime INT8 alone (e.g. Quant.backends: [onnxruntime])
+        if paddle_int8:
+            files = _copy_model(source, out)
+            self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
+        else:  # ONNX Runtime INT8 alone (e.g. Quant.backends: [onnxruntime])
             os.makedirs(out)
-            shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
-            self.metrics[f"{INT8_DIR}/onnx_bytes"] = os.path.getsize(os.path.join(out, ONNX_FILE))
-            deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, "onnxruntime", "int8",
-                                           self.cfg.settings())]
-            self._write_bundle(out, "int8", deploys, ONNX_FILE)
-            self._check(INT8_DIR, out, ONNX_FILE, deploys, inputs, reference)
-            return
-        files = _copy_model(source, out)
-        self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
         onnx_file = None
         if "onnxruntime" in self.cfg.backends:
             if ort_int8 and "onnxruntime" in passed:
@@ -242,7 +236,7 @@ class _ExportJob:
             else:  # the quant stage made no ONNX INT8 model: convert the Paddle QDQ model
                 onnx_file = self._onnx(out, INT8_DIR)
         deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, "int8", self.cfg.settings())
-                   for backend in self._backends(onnx_file)]
+                   for backend in self._backends(onnx_file) if paddle_int8 or backend == "onnxruntime"]
         self._write_bundle(out, "int8", deploys, onnx_file)
         self._check(INT8_DIR, out, onnx_file, deploys, inputs, reference)
 

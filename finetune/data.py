@@ -15,6 +15,7 @@ import random
 import numpy as np
 import paddle
 
+from compress.data.labels import IMAGE_SUFFIXES
 from compress.errors import InputError
 from compress.ppocr_compat import ensure_ppocr
 
@@ -211,7 +212,6 @@ def start_epoch(loader, epoch, start_batch=0):
 
 # ------------------------------------------------------------------------------------------------ unlabeled images
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # PP-OCR operators that read or make labels; dropped from the Train list for images without labels
 _LABEL_OPS = ("DetLabelEncode", "CTCLabelEncode", "MultiLabelEncode", "AttnLabelEncode", "SARLabelEncode",
               "NRTRLabelEncode", "MakeBorderMap", "MakeShrinkMap", "IaaAugment")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 from compress.errors import ConfigError, InputError
+from compress.fidelity import validate_fidelity_limits
 from compress.stages.base import Stage, StageResult, register_stage
 from finetune.data import (UnlabeledDataset, UnlabeledStream, dataset_loader, label_free_transforms,
                            make_train_loader, unlabeled_records)
@@ -38,9 +39,7 @@ class FinetuneConfig(TaskTrainConfig):
         super().validate(where)
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"{where}.max_drop: must be >= 0 or null, got {self.max_drop}")
-        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
+        validate_fidelity_limits(self, where)
 
 
 def load_teacher(ctx):
@@ -62,14 +61,10 @@ def nothing_to_recover(ctx):
     from compress.checkpoint import DONE
     from compress.runner import WEIGHTS_FILE
 
-    saved = []
-    for stage in ctx.manifest.data.get("pipeline", [])[:ctx.stage_index]:
-        entry = ctx.manifest.entry(stage, ctx.model_name) or {}
-        if entry.get("status") == DONE and WEIGHTS_FILE in entry.get("files", {}):
-            saved.append(stage)
+    pipeline = ctx.manifest.data.get("pipeline", [])
+    saved = ctx.manifest.weight_stages(ctx.model_name, pipeline[ctx.stage_index], WEIGHTS_FILE)
     prune = ctx.manifest.entry("prune", ctx.model_name) or {}
-    return saved == ["baseline"] and prune.get("status") == DONE and "prune" in ctx.manifest.data.get(
-        "pipeline", [])[:ctx.stage_index]
+    return saved == ["baseline"] and prune.get("status") == DONE and "prune" in pipeline[:ctx.stage_index]
 
 
 def gate_message(main, best, baseline, max_drop):

@@ -16,9 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from compress.data.labels import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # noqa: E402
 from compress.errors import InputError, run_cli  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def parse_args(argv=None):

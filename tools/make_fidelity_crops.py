@@ -50,7 +50,7 @@ def make_crops(det_dir, pages_dir, out_dir, limit=None, max_crops=None, min_heig
     import cv2
     from tqdm import tqdm
 
-    from compress.fidelity import list_images
+    from compress.data.labels import list_images
     from export.ocr_system import TextDetector, crop_boxes, read_image
 
     if not os.path.isdir(pages_dir):

@@ -13,6 +13,7 @@ Every problem raises :class:`~compress.errors.InputError` with one line
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +21,7 @@ from typing import Iterable, Iterator
 from compress.errors import InputError
 
 IGNORE_TRANSCRIPTIONS = frozenset({"###", "*"})
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,37 @@ def read_rec_labels(
         _check_rec_label(label, where, max_len, allowed)
         samples.append(RecSample(_existing_image(image_path, data_dir, where), label))
     return samples
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files under ``folder`` (recursively), sorted, relative to it (``/``-separated)."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def image_paths(folder: str | Path, label_file: str | Path | None = None, limit: int | None = None,
+                where: str = "images") -> list[str]:
+    """Paths of an unlabelled image set: the images an image list names (:func:`read_image_list`) or every image
+    under ``folder``; the first ``limit`` of them.
+
+    Raises:
+        InputError: ``folder`` is not a folder (without a list), a listed image is missing, or there is no image;
+            the message starts with ``where``.
+    """
+    if label_file:
+        paths = [str(p) for p in read_image_list(label_file, folder)]
+    else:
+        if not os.path.isdir(folder):
+            raise InputError(f"{where}: {folder} is not a folder; point data_dir at a folder of images")
+        paths = [os.path.join(folder, name) for name in list_images(folder)]
+    paths = paths[:limit] if limit else paths
+    if not paths:
+        raise InputError(f"{where}: no images under {folder}; add .jpg/.png files or fix data_dir / label_file")
+    return paths
 
 
 def read_image_list(label_file: str | Path, data_dir: str | Path) -> list[Path]:

@@ -35,9 +35,11 @@ import numpy as np
 
 from compress.checkpoint import DONE, FAILED, atomic_write_json, verify_files
 from compress.errors import CheckpointError, ConfigError, InputError
+from compress.fidelity import validate_fidelity_limits
 from compress.report import (apply_deltas, assign_references, gate_failures, gate_message, new_row, row_key,
                              summary_text, write_reports)
 from compress.stages.base import Stage, StageResult, register_stage
+from compress.stages.evaluation import fidelity_reference
 
 ROWS_FILE = "rows.json"
 BASELINE_VARIANT_PREFIX = "baseline"
@@ -73,9 +75,7 @@ class CompareConfig:
             if backend not in KNOWN_BACKENDS:
                 raise ConfigError(f"{where}.backends: {backend!r} is unknown; use some of: "
                                   f"{', '.join(KNOWN_BACKENDS)}")
-        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
+        validate_fidelity_limits(self, where)
         if self.max_metric_drop is not None and self.max_metric_drop < 0:
             raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points (or null for no gate), "
                               f"got {self.max_metric_drop}")
@@ -166,14 +166,7 @@ def baseline_folders(manifest, model_name, export_dir, until_stage="export"):
     other than the baseline's: the export's ``fp32`` model then is the baseline; else ``()``."""
     if export_dir is None or any(n.startswith(BASELINE_VARIANT_PREFIX) for n in os.listdir(export_dir)):
         return ()
-    weight_stages = []
-    for stage in manifest.data.get("pipeline", []):
-        if stage == until_stage:
-            break
-        entry = manifest.entry(stage, model_name) or {}
-        if entry.get("status") == DONE and "model.pdparams" in entry.get("files", {}):
-            weight_stages.append(stage)
-    return ("fp32",) if weight_stages == ["baseline"] else ()
+    return ("fp32",) if manifest.weight_stages(model_name, until_stage) == ["baseline"] else ()
 
 
 def _bundle_variants(name, folder, backends, run):
@@ -698,16 +691,11 @@ def e2e_rows(det_variants, rec_variants, det_cfg, settings, limit=None, log=prin
 
 def fidelity_pages(det_cfg):
     """Image paths of the det model's Fidelity split (unlabelled pages)."""
-    from compress.data.labels import read_image_list
-    from compress.fidelity import list_images
+    from compress.data.labels import image_paths
 
     cfg = det_cfg.Fidelity
-    data_dir = det_cfg.path(cfg.data_dir)
-    if cfg.label_file:
-        paths = [str(p) for p in read_image_list(det_cfg.path(cfg.label_file), data_dir)]
-    else:
-        paths = [os.path.join(data_dir, name) for name in list_images(data_dir)]
-    return paths[:cfg.limit] if cfg.limit else paths
+    return image_paths(det_cfg.path(cfg.data_dir), det_cfg.path(cfg.label_file) if cfg.label_file else None,
+                       cfg.limit, where=f"{det_cfg.source_file}: Fidelity")
 
 
 def e2e_agreement(systems, baseline_key, paths, show_progress=True):
@@ -919,7 +907,6 @@ class CompareStage(Stage):
         variants = discover_variants(export_dir, cfg.backends, task=ctx.task.task,
                                      baseline_names=baseline_folders(ctx.manifest, ctx.model_name, export_dir))
         variants = drop_unavailable(variants, settings.threads, notes)
-        from compress.stages.evaluation import fidelity_reference
         return rows + measure_variants(ctx.model_name, variants, ctx.task, settings,
                                        ctx.model_cfg.Input.max_batch_size,
                                        model_facts_from_manifest(ctx.manifest, ctx.model_name),

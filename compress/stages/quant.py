@@ -37,6 +37,7 @@ import numpy as np
 
 from compress.checkpoint import atomic_write_json
 from compress.errors import ConfigError
+from compress.fidelity import validate_fidelity_limits
 from compress.measure import dir_size
 from compress.stages.base import Stage, StageResult, register_stage
 from finetune.trainer import DistillConfig, TaskTrainConfig
@@ -103,9 +104,7 @@ class QuantConfig:
             raise ConfigError(f"{where}.backends: list at least one of {', '.join(BACKENDS)}")
         if self.max_drop < 0:
             raise ConfigError(f"{where}.max_drop: must be >= 0, got {self.max_drop}")
-        for key in ("max_fidelity_drop", "max_script_fidelity_drop"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0 points or null, got {getattr(self, key)}")
+        validate_fidelity_limits(self, where)
 
 
 def _predict_fn(model_dir, deploy, input_name):

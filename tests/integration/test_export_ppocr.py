@@ -107,7 +107,7 @@ def test_fidelity_crops_from_pages_read_like_the_label_lines(export_run, tmp_pat
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_fidelity_crops import main, make_crops
 
-    from compress.fidelity import list_images
+    from compress.data.labels import list_images
 
     pages = tmp_path / "pages"
     pages.mkdir()

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from compress.errors import CheckpointError, InputError
-from compress.fidelity import (FidelityReference, det_agreement, fidelity_drops, fidelity_gate, list_images,
+from compress.data.labels import list_images
+from compress.fidelity import (FidelityReference, det_agreement, fidelity_drops, fidelity_gate,
                                normalized_similarity, rec_agreement, script_of, strip_label_ops)
 from compress.report import new_row
 from compress.stages.compare import CompareConfig, fidelity_failures, gate_summary
