@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+import threading
 
 import numpy as np
 import paddle
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 # no text box); after this many rejections in a row the split is considered broken.
 MAX_RETRIES = 20
 
+# Python's and NumPy's global generators are process-wide: Paddle's single-process DataLoader reads batches in a
+# background thread while the training thread draws the unlabeled images, so a seeded transform holds this lock for
+# its whole run (without it the two threads re-seed each other's generators and a resumed run diverges).
+_GLOBAL_RNG_LOCK = threading.RLock()
+
 
 def item_seed(seed, epoch, index, attempt=0):
     """A 32-bit seed derived from (seed, epoch, index, attempt), stable across processes and Python versions."""
@@ -36,23 +42,27 @@ def item_seed(seed, epoch, index, attempt=0):
 def seeded_augmentation(ops, seed):
     """Seed every random source PP-OCR transforms draw from, restoring the global generators on exit.
 
+    Holds a process-wide lock while the transforms run, so threads (the DataLoader's reader thread, the training
+    thread drawing unlabeled images) never draw from each other's seeding.
+
     Args:
         ops: the operator list built by ``ppocr.data.imaug.create_operators``.
         seed: a 32-bit integer.
     """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    for op in ops:
-        # albumentations >= 1.4 keeps its own generators, untouched by the global seeds
-        augmenter = getattr(op, "augmenter", None)
-        if augmenter is not None and hasattr(augmenter, "set_random_seed"):
-            augmenter.set_random_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with _GLOBAL_RNG_LOCK:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        for op in ops:
+            # albumentations >= 1.4 keeps its own generators, untouched by the global seeds
+            augmenter = getattr(op, "augmenter", None)
+            if augmenter is not None and hasattr(augmenter, "set_random_seed"):
+                augmenter.set_random_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class TransformDataset(paddle.io.Dataset):

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import textwrap
+import threading
 
 import numpy as np
 import paddle
@@ -134,6 +135,29 @@ def test_augmentation_is_fixed_per_epoch_and_changes_between_epochs(demo_dir):
     assert first.shape == (3, 96, 96)
     # the global generators are left as they were
     assert random.getstate() == state_before[0] and np.array_equal(np.random.get_state()[1], state_before[1])
+
+
+def test_augmentation_is_the_same_when_two_threads_transform_at_once(demo_dir):
+    """Paddle's DataLoader reads batches in a thread while training draws unlabeled images in another: the seeded
+    global generators must not leak between them (they did, and a resumed distillation run diverged)."""
+    task = det_task(demo_dir)
+    dataset = TransformDataset(task, task.cfg.Train, seed=3)
+    serial = [dataset[i][0] for i in range(len(dataset))]
+    other = TransformDataset(task, task.cfg.Train, seed=4)
+    results, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            other[0]
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(10):
+            results += [dataset[i][0] for i in range(len(dataset))]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(np.array_equal(image, serial[k % len(serial)]) for k, image in enumerate(results))
 
 
 def test_sampler_shuffles_by_seed_and_epoch_resumes_mid_epoch_and_shards(demo_dir):
