@@ -109,15 +109,28 @@ def unknown_key_error(key, valid, where):
     return ConfigError(f"{where}.{key}: unknown key; {hint}")
 
 
+# every drop limit is in points of the main metric (0.01 of an hmean / accuracy = 1.0 point)
+IN_POINTS = "in points of the main metric: 0.01 -> 1.0"
+
+
 def parse_section(cls, data, where):
-    """Parse a mapping into the frozen dataclass ``cls``; unknown keys, missing keys and bad types raise ConfigError."""
+    """Parse a mapping into the frozen dataclass ``cls``; unknown keys, missing keys and bad types raise ConfigError.
+
+    A key listed in the class's ``RENAMED_KEYS`` (old name -> (new name, how to convert)) is refused with a message
+    naming its new key.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, "RENAMED_KEYS", {})
     for key in data:
+        if key in renamed and key not in fields:
+            new, how = renamed[key]
+            section = where.rsplit(": ", 1)[-1]  # where may start with the config file's name
+            raise ConfigError(f"{where}.{key} was renamed: use {section}.{new} ({how})")
         if key not in fields:
             raise unknown_key_error(key, fields, where)
     kwargs = {}

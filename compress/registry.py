@@ -24,6 +24,10 @@ class Registry:
         self._items[name] = obj
         return obj
 
+    def unregister(self, name):
+        """Remove ``name`` (tests that register their own plug-ins clean up with it)."""
+        self._items.pop(name, None)
+
     def get(self, name, where=""):
         """The object registered as ``name``; ConfigError listing the valid names otherwise."""
         if name not in self._items:
@@ -38,3 +42,7 @@ class Registry:
 
     def __contains__(self, name):
         return name in self._items
+
+
+# Inference backends (export.backends registers its modules' classes here; tests may add their own)
+BACKENDS = Registry("inference backend")

@@ -27,6 +27,8 @@ import sys
 import yaml
 
 from compress.errors import CompressError, ConfigError, InputError
+from export.backends import backend_names, get_backend
+from export.backends.paddle_inference import PADDLE_FORMATS
 from export.predictor import DEFAULT_DELETE_PASSES, DeployConfig, TrtConfig, detect_capabilities, \
     find_model_files
 
@@ -35,7 +37,6 @@ logger = logging.getLogger(__name__)
 DEPLOY_FILE = "deploy.yml"
 ONNX_FILE = "model.onnx"
 SHAPE_RANGE_FILE = "shape_range_info.pbtxt"
-GPU_BACKENDS = ("paddle_gpu", "paddle_trt")
 
 # IR passes PaddleOCR's own predictor (tools/infer/utility.py) switches off for every model because they produce
 # wrong results on its graphs; rec also needs DEFAULT_DELETE_PASSES (self_attention_fuse_pass: SIGILL without
@@ -121,6 +122,11 @@ def plan_dynamic_shapes(task, input_cfg):
 # ------------------------------------------------------------------------------------------------ configs
 
 
+def gpu_backends():
+    """Names of the registered backends that run on a GPU."""
+    return [name for name in backend_names() if get_backend(name).gpu]
+
+
 def delete_passes_for(task):
     """Paddle IR passes to switch off for a task (see ``TASK_DELETE_PASSES``)."""
     return TASK_DELETE_PASSES.get(task, DEFAULT_DELETE_PASSES)
@@ -143,8 +149,8 @@ def build_deploy_config(task, input_cfg, backend, precision, settings=None):
         ConfigError: fp16 on a CPU backend, or TensorRT settings that do not fit the input ranges.
     """
     settings = settings or DeploySettings()
-    if precision == "fp16" and backend not in GPU_BACKENDS:
-        raise ConfigError(f"deploy precision fp16 needs a GPU backend ({', '.join(GPU_BACKENDS)}), not {backend}")
+    if precision == "fp16" and not get_backend(backend).gpu:
+        raise ConfigError(f"deploy precision fp16 needs a GPU backend ({', '.join(gpu_backends())}), not {backend}")
     trt = TrtConfig()
     if backend == "paddle_trt":
         trt = TrtConfig(workspace_size=settings.trt_workspace_mb << 20, max_batch_size=input_cfg.max_batch_size,
@@ -265,7 +271,8 @@ class ShapeRangePlan:
     note: str = ""
 
 
-def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None, shape_plan=None):
+def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None, shape_plan=None,
+                        openvino_file=None):
     """Write ``deploy_<backend>.yml`` files and ``deploy.yml`` into an exported model folder.
 
     Args:
@@ -275,11 +282,13 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
         deploys: list of DeployConfig.
         onnx_file: file name of the ONNX model in ``model_dir``, or None.
         shape_plan: ShapeRangePlan for TensorRT, or None.
+        openvino_file: file name of an OpenVINO IR (``.xml``, its ``.bin`` beside it) in ``model_dir``, or None.
 
     Returns:
         path of ``deploy.yml``.
     """
     files = find_model_files(model_dir)
+    paddle = files.format in PADDLE_FORMATS
     index = {}
     for deploy in deploys:
         name = deploy_file_name(deploy.backend, deploy.precision)
@@ -298,9 +307,9 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
         "Model": {
             "task": model_cfg.task,
             "precision": precision,
-            "files": {"paddle": os.path.basename(files.model_file) if files.format != "onnx" else None,
-                      "params": os.path.basename(files.params_file) if files.params_file else None,
-                      "onnx": onnx_file},
+            "files": {"paddle": os.path.basename(files.model_file) if paddle else None,
+                      "params": os.path.basename(files.params_file) if paddle and files.params_file else None,
+                      "onnx": onnx_file, "openvino": openvino_file},
         },
         "Input": {"name": input_cfg.name, "export_shape": [-1 if d is None else d for d in export_shape],
                   "ranges": dict(zip(("min", "opt", "max"), ([int(d) for d in shape] for shape in ranges)))},
@@ -378,13 +387,18 @@ class DeployBundle:
         return deploy
 
     def model_path(self, backend):
-        """What ``create_predictor`` should load for ``backend``: the ONNX file, or the folder."""
-        if backend != "onnxruntime":
-            return self.model_dir
-        onnx_file = ((self.data.get("Model") or {}).get("files") or {}).get("onnx")
-        if not onnx_file:
-            raise InputError(f"{self.model_dir}: no ONNX model listed in {DEPLOY_FILE}; use a Paddle backend")
-        return os.path.join(self.model_dir, onnx_file)
+        """What ``create_predictor`` should load for ``backend`` (the folder, or one of its model files).
+
+        Raises:
+            InputError: when the folder holds no model that backend reads.
+        """
+        files = dict((self.data.get("Model") or {}).get("files") or {})
+        path = get_backend(backend, f"{self.model_dir}/{DEPLOY_FILE}").model_path(self.model_dir, files)
+        if path is None:
+            listed = ", ".join(k for k, v in files.items() if v and k != "params") or "none"
+            raise InputError(f"{self.model_dir}: {DEPLOY_FILE} lists no model backend {backend} reads (it lists: "
+                             f"{listed}); use a deploy config of another backend")
+        return path
 
 
 def read_deploy_bundle(model_dir):
@@ -442,7 +456,7 @@ def collect_shape_range_file(model_dir, batches, path=None, allow_cpu=False):
     import numpy as np
     import paddle.inference as paddle_infer
 
-    from export import predictor as predictor_module
+    from export.backends.paddle_inference import paddle_config
 
     caps = detect_capabilities()
     if not (caps.cuda and caps.gpu_count) and not allow_cpu:
@@ -451,8 +465,8 @@ def collect_shape_range_file(model_dir, batches, path=None, allow_cpu=False):
     backend = "paddle_gpu" if caps.cuda and caps.gpu_count else "paddle_cpu"
     path = path or os.path.join(model_dir, SHAPE_RANGE_FILE)
     files = find_model_files(model_dir)
-    # the predictor module builds the backend config; only the collection switch is added here
-    config = predictor_module._paddle_config(files, DeployConfig(backend=backend, mkldnn=False), backend)
+    # the Paddle backend builds the config; only the collection switch is added here
+    config = paddle_config(files, DeployConfig(backend=backend, mkldnn=False), backend)
     config.collect_shape_range_info(path)
     predictor = paddle_infer.create_predictor(config)
     count = 0

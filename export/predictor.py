@@ -1,9 +1,10 @@
-"""One predictor interface over Paddle Inference (CPU/oneDNN, GPU, TensorRT) and ONNX Runtime.
+"""One predictor interface over the registered inference backends (:mod:`export.backends`: Paddle Inference on
+CPU / GPU / TensorRT, ONNX Runtime, OpenVINO).
 
 ``create_predictor(model_dir, DeployConfig(...))`` picks the backend. What the machine can do is detected up
-front (CUDA build, GPU count, TensorRT build, ONNX Runtime providers); a GPU or TensorRT config on a machine that
-cannot run it falls back to CPU (oneDNN) with one logged notice naming the reason, instead of relying on the
-exceptions or silent fallbacks of the libraries.
+front (CUDA build, GPU count, TensorRT build, ONNX Runtime providers); a config whose backend cannot run here falls
+back along the backend's ``fallback`` chain (TensorRT -> GPU -> CPU with oneDNN) with one logged notice naming the
+reason, instead of relying on the exceptions or silent fallbacks of the libraries.
 """
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
@@ -15,13 +16,13 @@ import os
 
 import numpy as np
 
-from compress import threads as math_threads
 from compress.errors import ConfigError, InputError
+from export.backends import INT8_RUNTIME_KEY, ModelFiles, Predictor, backend_names, get_backend  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("paddle_cpu", "paddle_gpu", "paddle_trt", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "int8")
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")  # openvino.properties.hint.PerformanceMode
 # self_attention_fuse_pass executes AVX-512 code while matching and dies with SIGILL on CPUs without AVX-512
 # (seen on AMD EPYC with PP-OCRv4 rec); the fused op only helps AVX-512 machines anyway.
 DEFAULT_DELETE_PASSES = ("self_attention_fuse_pass",)
@@ -30,28 +31,14 @@ DEFAULT_DELETE_PASSES = ("self_attention_fuse_pass",)
 DEFAULT_INT8_OPS = ("conv2d", "fused_conv2d", "depthwise_conv2d")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelFiles:
-    """Files of one inference model.
-
-    Attributes:
-        model_file: program file (``*.pdmodel``, ``*.json`` for PIR programs, or ``*.onnx``).
-        params_file: ``*.pdiparams`` next to it (None for ONNX).
-        format: ``"pdmodel"``, ``"json"`` or ``"onnx"``.
-    """
-
-    model_file: str
-    params_file: "str | None"
-    format: str
-
-
 def find_model_files(model_dir):
     """Detect the inference model files in ``model_dir`` from what is there.
 
-    Paddle programs win over ONNX when both are present; ``inference.*`` wins over other names.
+    Paddle programs win over ONNX, ONNX over OpenVINO IR, when several are present; ``inference.*`` wins over
+    other names.
 
     Args:
-        model_dir: a folder, or the path of an ``.onnx`` / ``.pdmodel`` / ``.json`` file.
+        model_dir: a folder, or the path of an ``.onnx`` / ``.pdmodel`` / ``.json`` / OpenVINO ``.xml`` file.
 
     Returns:
         ModelFiles.
@@ -65,9 +52,9 @@ def find_model_files(model_dir):
     if not os.path.isdir(model_dir):
         raise InputError(f"model folder {model_dir!r} does not exist: pass a folder holding an exported "
                          "inference model (*.pdmodel/*.json + *.pdiparams, or *.onnx)")
-    for pattern, needs_params in (("*.pdmodel", False), ("*.json", True), ("*.onnx", False)):
+    for pattern, needs_params in (("*.pdmodel", False), ("*.json", True), ("*.onnx", False), ("*.xml", True)):
         candidates = sorted(glob.glob(os.path.join(model_dir, pattern)))
-        if needs_params:  # any JSON could sit in a model folder; a PIR program has its params beside it
+        if needs_params:  # any JSON / XML could sit in a model folder; a program has its weights beside it
             candidates = [c for c in candidates if os.path.exists(_params_for(c))]
         if candidates:
             return _files_for_program(_pick_one(candidates, model_dir))
@@ -77,7 +64,8 @@ def find_model_files(model_dir):
 
 
 def _params_for(program_file):
-    return os.path.splitext(program_file)[0] + ".pdiparams"
+    suffix = ".bin" if program_file.lower().endswith(".xml") else ".pdiparams"
+    return os.path.splitext(program_file)[0] + suffix
 
 
 def _pick_one(candidates, model_dir):
@@ -94,10 +82,12 @@ def _files_for_program(path):
     extension = os.path.splitext(path)[1].lower()
     if extension == ".onnx":
         return ModelFiles(path, None, "onnx")
-    if extension not in (".pdmodel", ".json"):
-        raise InputError(f"{path!r} is not an inference model file (expected .pdmodel, .json or .onnx)")
+    if extension not in (".pdmodel", ".json", ".xml"):
+        raise InputError(f"{path!r} is not an inference model file (expected .pdmodel, .json, .onnx or an OpenVINO "
+                         f".xml)")
     params = _params_for(path)
-    return ModelFiles(path, params if os.path.exists(params) else None, extension.lstrip("."))
+    fmt = "openvino" if extension == ".xml" else extension.lstrip(".")
+    return ModelFiles(path, params if os.path.exists(params) else None, fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +116,33 @@ class TrtConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OpenVinoConfig:
+    """OpenVINO settings for the ``openvino`` backend (``compile_model`` properties).
+
+    Attributes:
+        streams: parallel inference streams (1: one request at a time, all threads on it).
+        hint: ``LATENCY`` or ``THROUGHPUT`` (OpenVINO's performance hint).
+        pinning: pin the worker threads to cores (off: they do not hold cores other runtimes need).
+    """
+
+    streams: int = 1
+    hint: str = "LATENCY"
+    pinning: bool = False
+
+    def __post_init__(self):
+        if self.hint not in OPENVINO_HINTS:
+            raise ConfigError(f"Deploy.openvino.hint {self.hint!r} is unknown; use one of {', '.join(OPENVINO_HINTS)}")
+        if not isinstance(self.streams, int) or self.streams < 1:
+            raise ConfigError(f"Deploy.openvino.streams must be a positive integer, got {self.streams!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DeployConfig:
     """How to run an inference model.
 
     Attributes:
-        backend: one of ``paddle_cpu``, ``paddle_gpu``, ``paddle_trt``, ``onnxruntime``.
+        backend: a registered backend (``export.backends``): ``paddle_cpu``, ``paddle_gpu``, ``paddle_trt``,
+            ``onnxruntime``, ``openvino``.
         precision: ``fp32``, ``fp16`` (GPU/TensorRT) or ``int8`` (quantised models).
         threads: CPU math threads.
         mkldnn: use oneDNN on CPU (Paddle backends).
@@ -139,6 +151,7 @@ class DeployConfig:
         gpu_id: GPU device index.
         gpu_memory_mb: initial GPU memory pool in MB.
         trt: TensorRT settings.
+        openvino: OpenVINO settings.
     """
 
     backend: str = "paddle_cpu"
@@ -150,10 +163,10 @@ class DeployConfig:
     gpu_id: int = 0
     gpu_memory_mb: int = 500
     trt: TrtConfig = dataclasses.field(default_factory=TrtConfig)
+    openvino: OpenVinoConfig = dataclasses.field(default_factory=OpenVinoConfig)
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"deploy backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        get_backend(self.backend, "deploy backend")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"deploy precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
         if not isinstance(self.threads, int) or self.threads < 1:
@@ -177,12 +190,14 @@ class DeployConfig:
         _check_keys(data, cls, "Deploy")
         trt = dict(data.pop("trt", None) or {})
         _check_keys(trt, TrtConfig, "Deploy.trt")
+        openvino = dict(data.pop("openvino", None) or {})
+        _check_keys(openvino, OpenVinoConfig, "Deploy.openvino")
         trt["dynamic_shapes"] = {name: tuple(tuple(int(d) for d in s) for s in shapes)
                                  for name, shapes in (trt.get("dynamic_shapes") or {}).items()}
         for key in ("delete_passes", "int8_ops"):
             if key in data:
                 data[key] = tuple(data[key])
-        return cls(trt=TrtConfig(**trt), **data)
+        return cls(trt=TrtConfig(**trt), openvino=OpenVinoConfig(**openvino), **data)
 
 
 def _check_keys(data, klass, where):
@@ -224,48 +239,35 @@ def detect_capabilities():
     return Capabilities(cuda, gpu_count, tensorrt, providers)
 
 
+def onnx_int8_runtime(files):
+    """The runtime an INT8 ONNX model was made and checked for (its ``INT8_RUNTIME_KEY`` metadata), or None."""
+    if files.format != "onnx":
+        return None
+    import onnx
+
+    model = onnx.load(files.model_file, load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == INT8_RUNTIME_KEY), None)
+
+
 def resolve_backend(deploy, capabilities=None):
-    """The backend that will really run ``deploy`` here, and the reason when it differs (else None)."""
-    caps = capabilities or detect_capabilities()
-    if deploy.backend in ("paddle_gpu", "paddle_trt"):
-        if not caps.cuda:
-            return "paddle_cpu", "this Paddle build has no CUDA (paddle.is_compiled_with_cuda() is False)"
-        if caps.gpu_count == 0:
-            return "paddle_cpu", "no GPU is visible (paddle.device.cuda.device_count() == 0)"
-        if deploy.backend == "paddle_trt" and not caps.tensorrt:
-            return "paddle_gpu", "this Paddle build has no TensorRT (get_trt_compile_version() == (0, 0, 0))"
-    return deploy.backend, None
+    """The backend that will really run ``deploy`` here, and the reason when it differs (else None).
 
+    Follows each unavailable backend's ``fallback`` (TensorRT -> GPU -> CPU); the reason is the first one met.
 
-class Predictor:
-    """A created predictor: ``run({input name: array}) -> [output arrays]``.
-
-    Attributes:
-        backend: the backend really used (after any fallback).
-        fallback_reason: why the requested backend was replaced, or None.
-        input_names / output_names: model I/O names.
+    Raises:
+        InputError: when the backend cannot run here and has no fallback.
     """
-
-    def __init__(self, backend, fallback_reason, runner, input_names, output_names):
-        self.backend = backend
-        self.fallback_reason = fallback_reason
-        self._runner = runner
-        self.input_names = list(input_names)
-        self.output_names = list(output_names)
-
-    def run(self, inputs):
-        """Run one batch.
-
-        Args:
-            inputs: input name -> numpy array.
-
-        Returns:
-            list of numpy arrays, in ``output_names`` order.
-        """
-        missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise InputError(f"predictor inputs missing {missing}; the model expects {self.input_names}")
-        return self._runner(inputs)
+    caps = capabilities or detect_capabilities()
+    name, first_reason = deploy.backend, None
+    while True:
+        backend = get_backend(name)
+        reason = backend.unavailable(caps)
+        if reason is None:
+            return name, first_reason
+        first_reason = first_reason or reason
+        if backend.fallback is None:
+            raise InputError(f"deploy backend {deploy.backend} cannot run here: {reason}")
+        name = backend.fallback
 
 
 def create_predictor(model_dir, deploy=None):
@@ -283,95 +285,18 @@ def create_predictor(model_dir, deploy=None):
     """
     deploy = deploy or DeployConfig()
     files = find_model_files(model_dir)
-    backend, reason = resolve_backend(deploy)
+    name, reason = resolve_backend(deploy)
     if reason:
-        logger.warning("deploy backend %s is not available: %s; running on %s%s instead",
-                       deploy.backend, reason, backend, " with oneDNN" if backend == "paddle_cpu" else "")
-    if backend == "onnxruntime":
-        if files.format != "onnx":
-            raise InputError(f"backend onnxruntime needs an .onnx model but {model_dir!r} holds {files.format}; "
-                             "convert it with compress.quant.onnx_int8.export_onnx")
-        return _onnxruntime_predictor(files, deploy, reason)
-    if files.format == "onnx":
-        raise InputError(f"backend {backend} needs a Paddle model (*.pdmodel/*.json) but {model_dir!r} holds ONNX; "
-                         "use backend onnxruntime")
-    return _paddle_predictor(files, deploy, backend, reason)
-
-
-def _paddle_config(files, deploy, backend):
-    import paddle.inference as paddle_infer
-
-    config = paddle_infer.Config(files.model_file, files.params_file)
-    config.disable_glog_info()
-    if backend == "paddle_cpu":
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(deploy.threads)
-        # a GPU/TRT request that fell back keeps the CPU fast path (oneDNN) the notice promises
-        if deploy.mkldnn or deploy.backend != "paddle_cpu":
-            config.enable_mkldnn()
-            if deploy.precision == "int8":
-                if deploy.int8_ops:
-                    config.enable_mkldnn_int8(set(deploy.int8_ops))
-                else:
-                    config.enable_mkldnn_int8()
-    else:
-        precision = {"fp32": paddle_infer.PrecisionType.Float32, "fp16": paddle_infer.PrecisionType.Half,
-                     "int8": paddle_infer.PrecisionType.Int8}[deploy.precision]
-        config.enable_use_gpu(deploy.gpu_memory_mb, deploy.gpu_id)
-        if backend == "paddle_trt":
-            _enable_tensorrt(config, deploy.trt, precision, files)
-    for pass_name in deploy.delete_passes:
-        config.delete_pass(pass_name)
-    return config
-
-
-def _enable_tensorrt(config, trt, precision, files):
-    config.enable_tensorrt_engine(workspace_size=trt.workspace_size, max_batch_size=trt.max_batch_size,
-                                  min_subgraph_size=trt.min_subgraph_size, precision_mode=precision,
-                                  use_static=trt.use_static, use_calib_mode=trt.use_calib_mode)
-    if trt.use_static:
-        config.set_optim_cache_dir(trt.cache_dir or os.path.join(os.path.dirname(files.model_file), "_trt_cache"))
-    if trt.shape_range_file:
-        config.enable_tuned_tensorrt_dynamic_shape(trt.shape_range_file, True)
-    elif trt.dynamic_shapes:
-        shapes = {name: [list(s) for s in triple] for name, triple in trt.dynamic_shapes.items()}
-        config.set_trt_dynamic_shape_info({n: s[0] for n, s in shapes.items()},
-                                          {n: s[2] for n, s in shapes.items()},
-                                          {n: s[1] for n, s in shapes.items()})
-
-
-def _paddle_predictor(files, deploy, backend, reason):
-    import paddle.inference as paddle_infer
-
-    predictor = paddle_infer.create_predictor(_paddle_config(files, deploy, backend))
-    input_names = predictor.get_input_names()
-    output_names = predictor.get_output_names()
-
-    def run(inputs):
-        for name in input_names:
-            array = np.ascontiguousarray(inputs[name])
-            handle = predictor.get_input_handle(name)
-            handle.reshape(array.shape)
-            handle.copy_from_cpu(array)
-        predictor.run()
-        math_threads.restore()  # the run reset this thread's dygraph math threads
-        return [predictor.get_output_handle(name).copy_to_cpu() for name in output_names]
-
-    return Predictor(backend, reason, run, input_names, output_names)
-
-
-def _onnxruntime_predictor(files, deploy, reason):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = deploy.threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = onnxruntime.InferenceSession(files.model_file, options, providers=["CPUExecutionProvider"])
-    input_names = [i.name for i in session.get_inputs()]
-    output_names = [o.name for o in session.get_outputs()]
-
-    def run(inputs):
-        return session.run(output_names, {name: np.ascontiguousarray(inputs[name]) for name in input_names})
-
-    return Predictor("onnxruntime", reason, run, input_names, output_names)
+        logger.warning("deploy backend %s is not available: %s; running on %s instead", deploy.backend, reason, name)
+    backend = get_backend(name)
+    made_for = onnx_int8_runtime(files)
+    if made_for and made_for != name:
+        raise InputError(f"{files.model_file} is an INT8 model made for {made_for} (its metadata {INT8_RUNTIME_KEY}); "
+                         f"backend {name} computes it differently (OpenVINO diverged from it at the SE blocks); run it "
+                         f"with {made_for}, or use the {name} INT8 model of the export")
+    if files.format not in backend.formats:
+        readers = [n for n in backend_names() if files.format in get_backend(n).formats]
+        raise InputError(f"backend {name} reads {' / '.join(backend.formats)} models but {model_dir!r} holds "
+                         f"{files.format}; use backend {' or '.join(readers) or 'another'}")
+    run, input_names, output_names = backend.create(files, deploy)
+    return Predictor(name, reason, run, input_names, output_names)

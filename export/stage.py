@@ -30,12 +30,14 @@ from export.deploy import ONNX_FILE, DeploySettings, ShapeRangePlan, attach_shap
     collect_shape_range_file, plan_dynamic_shapes, shape_range_plan, write_deploy_bundle
 from export.exporter import ParityTolerance, compare_outputs, dygraph_outputs, export_inference_model, \
     model_bytes, predictor_outputs
-from export.predictor import BACKENDS, PRECISIONS, detect_capabilities, find_model_files, resolve_backend
+from export.backends import backend_names, get_backend
+from export.predictor import PRECISIONS, detect_capabilities, find_model_files, resolve_backend
 
 logger = logging.getLogger(__name__)
 
 FP32_DIR, BASELINE_DIR, INT8_DIR = "fp32", "baseline_fp32", "int8"
 QUANT_INT8_DIR, QUANT_ONNX_DIR = "int8", "int8_onnx"  # compress.stages.quant writes these
+OPENVINO_INT8_FILE = "model_int8_openvino.xml"
 PARITY_FILE = "parity.json"
 WEIGHTS_FILE = "model.pdparams"
 # paddle2onnx 1.3.1 converts for opsets 7..16
@@ -47,7 +49,8 @@ class ExportConfig:
     """``Export`` section.
 
     Attributes:
-        backends: deploy configs to write and check: paddle_cpu, onnxruntime, paddle_trt, paddle_gpu.
+        backends: deploy configs to write and check: registered backends (paddle_cpu, onnxruntime, openvino,
+            paddle_trt, paddle_gpu).
         precisions: fp32 (always exported), int8 (when a quant stage ran), fp16 (GPU backends' configs only).
         opset: ONNX opset requested from paddle2onnx.
         threads: CPU threads in the deploy configs (and for the parity runs).
@@ -60,7 +63,7 @@ class ExportConfig:
         on_gate_fail: ``stop`` the pipeline, or ``continue`` when a parity check fails.
     """
 
-    backends: List[Literal[BACKENDS]] = ("paddle_cpu", "onnxruntime", "paddle_trt")
+    backends: List[str] = ("paddle_cpu", "onnxruntime", "openvino", "paddle_trt")
     precisions: List[Literal[PRECISIONS]] = ("fp32", "int8")
     opset: int = 13
     threads: int = 1
@@ -84,8 +87,11 @@ class ExportConfig:
                 raise ConfigError(f"{where}.{key}: list at least one")
             if len(set(values)) != len(values):
                 raise ConfigError(f"{where}.{key}: {values} lists a value twice")
-        if "fp16" in self.precisions and not set(self.backends) & {"paddle_gpu", "paddle_trt"}:
-            raise ConfigError(f"{where}.precisions: fp16 needs paddle_gpu or paddle_trt in {where}.backends")
+        for backend in self.backends:
+            get_backend(backend, f"{where}.backends")
+        if "fp16" in self.precisions and not any(get_backend(b).gpu for b in self.backends):
+            raise ConfigError(f"{where}.precisions: fp16 needs a GPU backend (paddle_gpu, paddle_trt) in "
+                              f"{where}.backends")
         if not OPSET_RANGE[0] <= self.opset <= OPSET_RANGE[1]:
             raise ConfigError(f"{where}.opset: {self.opset} is outside paddle2onnx 1.3.1's range "
                               f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]}")
@@ -177,6 +183,29 @@ def _quant_onnx_int8(quant_dir, quant_metadata):
     return found[0] if found else None
 
 
+def _quant_file(quant_dir, quant_metadata, backend, default_dir):
+    """The INT8 model file the quant stage recorded for ``backend`` (``dir`` + ``files.int8``), or None."""
+    record = (quant_metadata.get("backends") or {}).get(backend) or {}
+    name = (record.get("files") or {}).get("int8")
+    path = os.path.join(quant_dir, record.get("dir", default_dir), name) if name else None
+    return path if path and os.path.isfile(path) else None
+
+
+# deploy.yml's Model.files key of each model format
+_FILES_KEY = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
+
+
+def _own_int8_model(backend, folder, available):
+    """The INT8 model in ``folder`` made for ``backend`` (of its ``int8_format``), or None."""
+    key = _FILES_KEY[backend.int8_format or backend.formats[0]]
+    return backend.model_path(folder, {key: available.get(key)}) if available.get(key) else None
+
+
+def _bin(xml_path):
+    """The weights file of an OpenVINO IR."""
+    return os.path.splitext(xml_path)[0] + ".bin"
+
+
 def _quant_output_dir(ctx):
     entry = ctx.stage_entry("quant")
     if not entry or entry.get("status") != "done":
@@ -203,42 +232,60 @@ class _ExportJob:
         precisions = ["fp32"] + (["fp16"] if "fp16" in self.cfg.precisions else [])
         deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, precision, self.cfg.settings())
                    for precision in precisions for backend in self._backends(onnx_file)
-                   if precision != "fp16" or backend in ("paddle_gpu", "paddle_trt")]
+                   if precision != "fp16" or get_backend(backend).gpu]
         self._write_bundle(out, "fp32", deploys, onnx_file)
-        self._check(folder, out, onnx_file, deploys, inputs, reference)
+        self._check(folder, out, {"paddle": True, "onnx": onnx_file}, deploys, inputs, reference)
 
     # -------------------------------------------------------------------------------------------- int8
 
     def export_int8(self, quant_dir, quant_metadata, inputs, reference):
-        """Copy the quant stage's INT8 models (those that passed its gate) and check them."""
-        passed = set(quant_metadata.get("passed_backends", BACKENDS))
+        """Copy the quant stage's INT8 models (those that passed its gate) and check them.
+
+        ``int8/`` holds the Paddle QDQ model (Paddle backends), ``model.onnx`` (ONNX Runtime) and an OpenVINO IR,
+        each only when the quant stage made it and it passed there; a backend runs only its own INT8 file.
+        """
+        passed = set(quant_metadata.get("passed_backends", backend_names()))  # none recorded: a checkpoint
+        # written before gates were per backend
+        made = quant_metadata.get("backends", {})
         source = os.path.join(quant_dir, QUANT_INT8_DIR)
         paddle_int8 = "paddle_cpu" in passed and os.path.isdir(source)
         ort_int8 = _quant_onnx_int8(quant_dir, quant_metadata) if "onnxruntime" in self.cfg.backends else None
-        if not paddle_int8 and not (ort_int8 and "onnxruntime" in passed):
+        ov_int8 = _quant_file(quant_dir, quant_metadata, "openvino", get_backend("openvino").int8_dir) \
+            if "openvino" in self.cfg.backends and "openvino" in passed else None
+        if not paddle_int8 and not (ort_int8 and "onnxruntime" in passed) and not ov_int8:
             self.notes.append(f"{INT8_DIR} skipped: the quant stage has no INT8 model that passed its gate")
             return
         out = os.path.join(self.ctx.out_dir, INT8_DIR)
+        os.makedirs(out)
         if paddle_int8:
             files = _copy_model(source, out)
             self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
-        else:  # ONNX Runtime INT8 alone (e.g. Quant.backends: [onnxruntime])
-            os.makedirs(out)
         onnx_file = None
         if "onnxruntime" in self.cfg.backends:
             if ort_int8 and "onnxruntime" in passed:
                 shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
                 onnx_file = ONNX_FILE
                 self.metrics[f"{INT8_DIR}/onnx_bytes"] = os.path.getsize(os.path.join(out, ONNX_FILE))
-            elif "onnxruntime" in quant_metadata.get("backends", {}):
+            elif "onnxruntime" in made:
                 self.notes.append(f"{INT8_DIR}/onnxruntime skipped: the quant stage's ONNX Runtime INT8 model "
                                   "did not pass its gate")
-            else:  # the quant stage made no ONNX INT8 model: convert the Paddle QDQ model
+            elif paddle_int8:  # the quant stage made no ONNX INT8 model: convert the Paddle QDQ model
                 onnx_file = self._onnx(out, INT8_DIR)
+        openvino_file = None
+        if ov_int8:
+            openvino_file = OPENVINO_INT8_FILE
+            for src, dst in ((ov_int8, openvino_file), (_bin(ov_int8), _bin(openvino_file))):
+                shutil.copyfile(src, os.path.join(out, dst))
+            self.metrics[f"{INT8_DIR}/openvino_bytes"] = sum(
+                os.path.getsize(os.path.join(out, f)) for f in (openvino_file, _bin(openvino_file)))
+        elif "openvino" in made and "openvino" in self.cfg.backends:
+            self.notes.append(f"{INT8_DIR}/openvino skipped: the quant stage's OpenVINO INT8 model did not pass "
+                              "its gate")
+        available = {"paddle": paddle_int8, "onnx": onnx_file, "openvino": openvino_file}
         deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, "int8", self.cfg.settings())
-                   for backend in self._backends(onnx_file) if paddle_int8 or backend == "onnxruntime"]
-        self._write_bundle(out, "int8", deploys, onnx_file)
-        self._check(INT8_DIR, out, onnx_file, deploys, inputs, reference)
+                   for backend in self.cfg.backends if _own_int8_model(get_backend(backend), out, available)]
+        self._write_bundle(out, "int8", deploys, onnx_file, openvino_file)
+        self._check(INT8_DIR, out, available, deploys, inputs, reference)
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -261,9 +308,9 @@ class _ExportJob:
         self.metrics[f"{folder}/onnx_opset"] = exported.opset
         return ONNX_FILE
 
-    def _write_bundle(self, out, precision, deploys, onnx_file):
+    def _write_bundle(self, out, precision, deploys, onnx_file, openvino_file=None):
         plan = self._shape_plan(out)
-        write_deploy_bundle(out, self.ctx.model_cfg, precision, deploys, onnx_file, plan)
+        write_deploy_bundle(out, self.ctx.model_cfg, precision, deploys, onnx_file, plan, openvino_file)
         if plan is not None and plan.collected:
             attach_shape_range_file(out)
 
@@ -278,7 +325,7 @@ class _ExportJob:
         collect_shape_range_file(out, batches)
         return ShapeRangePlan(collected=True, note="collected on the Calibration split")
 
-    def _check(self, folder, out, onnx_file, deploys, inputs, reference):
+    def _check(self, folder, out, model_files, deploys, inputs, reference):
         measured = {}  # (backend really run, precision really run) -> (report, outputs)
         for deploy in deploys:
             key = f"{folder}/{deploy.backend}{'_fp16' if deploy.precision == 'fp16' else ''}"
@@ -290,7 +337,7 @@ class _ExportJob:
                 logger.info("%s: %s is not available here (%s); its parity is the %s run", key, deploy.backend,
                             reason, actual)
             else:
-                path = os.path.join(out, onnx_file) if deploy.backend == "onnxruntime" else out
+                path = get_backend(deploy.backend).model_path(out, model_files)
                 outputs, predictor = predictor_outputs(path, deploy, inputs)
                 report = compare_outputs(reference, outputs, self.task, run_precision, self.tolerance,
                                          backend=predictor.backend, fallback=predictor.fallback_reason)

@@ -3,14 +3,15 @@
 Trains the incoming model on the model config's ``Train`` split (and unlabelled images) with PP-OCR's own loss and
 distillation from the baseline, evaluates on the selection split (Calibration by default, never the Eval split the
 stage reports) every ``eval_every`` steps, keeps the best weights, then measures them on the whole Eval split and
-the Fidelity split. Its gate fails when the main metric is more than ``max_drop`` below the baseline's or the
+the Fidelity split. Its gate fails when the main metric is more than ``max_metric_drop`` points below the baseline's or the
 agreement with the baseline fell more than ``max_fidelity_drop`` points. Progress is saved under the stage's work
 directory, so a killed fine-tune continues where it stopped when the pipeline is run again.
 """
 import os
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
+from compress.config import IN_POINTS
 from compress.errors import ConfigError, InputError
 from compress.fidelity import validate_fidelity_limits
 from compress.stages.base import Stage, StageResult, register_stage
@@ -28,17 +29,19 @@ DEFAULT_WEIGHT_DECAY = {"det": 5e-6, "rec": 3e-5}
 class FinetuneConfig(TaskTrainConfig):
     """``Finetune`` section: the :class:`~finetune.trainer.TaskTrainConfig` keys plus the gate."""
 
-    max_drop: Optional[float] = 0.01  # gate: best metric >= baseline - max_drop (metric units); null: no gate
+    max_metric_drop: Optional[float] = 1.0  # gate: best metric >= baseline - this many points; null: no gate
     # gate: agreement with the baseline on the Fidelity split may drop at most this many points, overall and for
     # the worst script (rec); null: not gated
     max_fidelity_drop: Optional[float] = None
     max_script_fidelity_drop: Optional[float] = None
     on_gate_fail: Literal["stop", "continue"] = "stop"
 
+    RENAMED_KEYS: ClassVar[dict] = {"max_drop": ("max_metric_drop", IN_POINTS)}
+
     def validate(self, where):
         super().validate(where)
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ConfigError(f"{where}.max_drop: must be >= 0 or null, got {self.max_drop}")
+        if self.max_metric_drop is not None and self.max_metric_drop < 0:
+            raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points or null, got {self.max_metric_drop}")
         validate_fidelity_limits(self, where)
 
 
@@ -67,11 +70,13 @@ def nothing_to_recover(ctx):
     return saved == ["baseline"] and prune.get("status") == DONE and "prune" in pipeline[:ctx.stage_index]
 
 
-def gate_message(main, best, baseline, max_drop):
-    """None when ``best`` is within ``max_drop`` of ``baseline``, else the one-line reason and what to change."""
-    if max_drop is None or baseline is None or best >= baseline - max_drop - 1e-12:
+def gate_message(main, best, baseline, max_drop_pt):
+    """None when ``best`` is within ``max_drop_pt`` points of ``baseline``, else the one-line reason and what to
+    change."""
+    if max_drop_pt is None or baseline is None or 100.0 * (baseline - best) <= max_drop_pt + 1e-9:
         return None
-    return (f"{main} {best:.4f} < {baseline:.4f}-{max_drop:g}: raise Finetune.epochs or lower Prune ratios")
+    return (f"{main} {best:.4f} is {100.0 * (baseline - best):.2f} points below the baseline's {baseline:.4f}, more "
+            f"than Finetune.max_metric_drop {max_drop_pt:g}: raise Finetune.epochs or lower Prune ratios")
 
 
 def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetune"):
@@ -174,7 +179,7 @@ class FinetuneStage(Stage):
         world = paddle.distributed.get_world_size()
         per_epoch = max(-(-samples // (batch * world)), 1)
         steps = cfg.max_steps or cfg.epochs * per_epoch
-        gates = ([f"{ctx.task.main_metric} >= baseline - {cfg.max_drop:g}"] if cfg.max_drop is not None else []) + (
+        gates = ([f"{ctx.task.main_metric} >= baseline - {cfg.max_metric_drop:g} pt"] if cfg.max_metric_drop is not None else []) + (
             [f"fidelity >= 1 - {cfg.max_fidelity_drop:g} pt"] if cfg.max_fidelity_drop is not None else [])
         selected = "agreement with the baseline" if cfg.select_by == "fidelity" else ctx.task.main_metric
         return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
@@ -204,7 +209,7 @@ class FinetuneStage(Stage):
             message += f", resumed at step {result.resumed_from}"
         if "fidelity" in metrics:
             message = f"{summary(metrics)}  {message}"
-        failures = [gate_message(main, best, ctx.baseline_metrics().get(main), cfg.max_drop) if best is not None
+        failures = [gate_message(main, best, ctx.baseline_metrics().get(main), cfg.max_metric_drop) if best is not None
                     else None,
                     fidelity_gate(metrics, cfg.max_fidelity_drop, cfg.max_script_fidelity_drop,
                                   setting="Finetune.max_fidelity_drop")]

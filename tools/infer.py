@@ -29,9 +29,10 @@ def parse_args(argv=None):
     source.add_argument("--image", help="one image")
     source.add_argument("--folder", help="every image in this folder (sorted by name)")
     parser.add_argument("--draw", metavar="OUT_DIR", help="write <image>_ocr.png visualisations here")
-    parser.add_argument("--backend", help="deploy config to use: paddle_cpu, onnxruntime, paddle_gpu, paddle_trt "
-                                          "or paddle_trt_fp16 (default: each folder's default, paddle_cpu); "
-                                          "GPU configs fall back to CPU on a machine without one")
+    parser.add_argument("--backend", help="deploy config to use: a registered backend (paddle_cpu, onnxruntime, "
+                                          "openvino, paddle_gpu, paddle_trt) or paddle_trt_fp16 (default: each "
+                                          "folder's default, paddle_cpu); GPU configs fall back to CPU on a machine "
+                                          "without one")
     parser.add_argument("--dict", help="rec character dictionary, e.g. rapidocr:ch_ppocr_rec/ppocr_keys_v1.txt "
                                        "(default: the one exported with the rec model)")
     parser.add_argument("--drop-score", type=float, default=0.5, help="drop lines recognised below this score")

@@ -39,11 +39,11 @@ from compress.fidelity import validate_fidelity_limits
 from compress.report import (apply_deltas, assign_references, gate_failures, gate_message, new_row, row_key,
                              summary_text, write_reports)
 from compress.stages.base import Stage, StageResult, register_stage
+from export.backends import get_backend
 from compress.stages.evaluation import fidelity_reference
 
 ROWS_FILE = "rows.json"
 BASELINE_VARIANT_PREFIX = "baseline"
-KNOWN_BACKENDS = ("paddle_cpu", "onnxruntime", "paddle_gpu", "paddle_trt")
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ class CompareConfig:
             if value is not None and value < low:
                 raise ConfigError(f"{where}.{key}: must be >= {low}, got {value}")
         for backend in self.backends:
-            if backend not in KNOWN_BACKENDS:
-                raise ConfigError(f"{where}.backends: {backend!r} is unknown; use some of: "
-                                  f"{', '.join(KNOWN_BACKENDS)}")
+            get_backend(backend, f"{where}.backends")
         validate_fidelity_limits(self, where)
         if self.max_metric_drop is not None and self.max_metric_drop < 0:
             raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points (or null for no gate), "
@@ -185,28 +183,35 @@ def _bundle_variants(name, folder, backends, run):
 
 
 def _plain_variants(name, folder, backends, run, task):
+    """Variants of a folder without ``deploy.yml``: per backend, each model file in the folder it reads (a Paddle
+    program, ``*.onnx`` files, OpenVINO ``*.xml`` IRs), precision ``int8`` when the name says so."""
     from export.deploy import delete_passes_for
     from export.predictor import DeployConfig, find_model_files
 
     passes = delete_passes_for(task) if task else DeployConfig().delete_passes
-    variants = []
     try:
-        files = find_model_files(folder)
+        paddle = find_model_files(folder).format in ("pdmodel", "json")
     except InputError:
-        files = None
-    if files is not None and files.format != "onnx" and "paddle_cpu" in backends:
-        precision = _precision_from_name(name)
-        variants.append(Variant(name, folder, "paddle_cpu", precision,
-                                DeployConfig(precision=precision, delete_passes=passes).to_dict(), run))
-    onnx_files = sorted(glob.glob(os.path.join(folder, "*.onnx")))
-    if "onnxruntime" in backends:
-        for onnx_file in onnx_files:
-            stem = os.path.splitext(os.path.basename(onnx_file))[0]
-            label = name if len(onnx_files) == 1 else f"{name}/{stem}"
-            precision = _precision_from_name(stem if len(onnx_files) > 1 else name + stem)
-            variants.append(Variant(label, onnx_file, "onnxruntime", precision,
-                                    DeployConfig(backend="onnxruntime", precision=precision).to_dict(), run))
+        paddle = False
+    candidates = ([("paddle", folder, name)] if paddle else []) + [
+        (fmt, path, os.path.splitext(os.path.basename(path))[0])
+        for fmt, pattern in (("onnx", "*.onnx"), ("openvino", "*.xml"))
+        for path in sorted(glob.glob(os.path.join(folder, pattern)))]
+    variants = []
+    for backend in backends:
+        reader = get_backend(backend)
+        own = [c for c in candidates if c[0] == _FORMAT_KEYS[reader.int8_format or reader.formats[0]]]
+        for fmt, path, stem in own:
+            label = name if len(own) == 1 else f"{name}/{stem}"
+            precision = _precision_from_name(name if fmt == "paddle" else stem if len(own) > 1 else name + stem)
+            variants.append(Variant(label, path, backend, precision,
+                                    DeployConfig(backend=backend, precision=precision,
+                                                 delete_passes=passes).to_dict(), run))
     return variants
+
+
+# deploy.yml Model.files keys of the model formats
+_FORMAT_KEYS = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
 
 
 def drop_unavailable(variants, threads, notes):

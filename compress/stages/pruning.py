@@ -9,9 +9,10 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import ClassVar, List, Literal, Optional
 
 from compress.checkpoint import atomic_write_json, atomic_write_text
+from compress.config import IN_POINTS
 from compress.errors import CheckpointError, ConfigError
 from compress.measure import count_flops, count_params
 from compress.fidelity import summary as fidelity_summary
@@ -175,7 +176,8 @@ class PruneConfig:
     criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm | activation | obs
     mode: Literal["flops_target", "loss_budget", "uniform"] = "flops_target"
     flops_target: float = 0.4  # flops_target: fraction of FLOPs to remove, ratios chosen from the sensitivity
-    max_loss: float = 0.01  # loss_budget: per layer, the largest ratio whose metric loss stays within this
+    # loss_budget: per layer, the largest ratio whose main-metric loss stays within this many points
+    max_metric_drop: float = 1.0
     ratio: float = 0.3  # uniform: the same ratio for every prunable conv
     skip: List[str] = DEFAULT_SKIP
     round_to: int = 8  # kept channel counts are multiples of this (INT8 kernels like 8)
@@ -192,6 +194,8 @@ class PruneConfig:
     reconstruct_layers: Literal["pruned_inputs", "all"] = "pruned_inputs"  # all: every dense layer downstream
     reconstruct_rows: int = 4096  # output positions sampled per batch and layer
     stats_correction: bool = False  # match each re-solved layer's output mean / std to the unpruned model's
+
+    RENAMED_KEYS: ClassVar[dict] = {"max_loss": ("max_metric_drop", IN_POINTS)}
 
     def validate(self, where):
         _check_criterion(self.criterion, where)
@@ -244,7 +248,7 @@ class PruneStage(Stage):
             _, plan, _ = ratios_for_flops_target(sens, None, cfg.flops_target, None, model, trace,
                                                  criterion=criterion, round_to=cfg.round_to)
             return plan
-        ratios = {k: v for k, v in ratios_from_loss_budget(sens, None, cfg.max_loss).items() if v > 0}
+        ratios = {k: v for k, v in ratios_from_loss_budget(sens, None, cfg.max_metric_drop / 100.0).items() if v > 0}
         return make_plan(model, None, ratios, criterion, round_to=cfg.round_to, trace=trace)
 
     def run(self, model, cfg, ctx):

@@ -9,7 +9,7 @@ calibration data two ways:
 * ``onnxruntime``: paddle2onnx of the float model, then ONNX Runtime ``quantize_static`` on the dense convs and
   matmuls (7-bit weights on CPUs without VNNI).
 
-When the Paddle INT8 model loses more than ``max_drop``, the layers whose quantization hurts most (measured on the
+When the Paddle INT8 model loses more than ``max_metric_drop``, the layers whose quantization hurts most (measured on the
 Calibration split) stay float and PTQ is retried.
 
 ``method: qat`` (quantization-aware training, ``qat:`` keys): a copy of the model with BN and affine layers folded
@@ -22,7 +22,7 @@ subprocess) for ONNX Runtime. See :mod:`compress.quant.qat` for why the folding 
 
 Either way, each INT8 model is evaluated on the Eval split through its real INT8 predictor, never through a
 fake-quant graph (QAT also records the fake-quant dygraph metric, to tell a training problem from a backend one).
-A backend passes when its INT8 metric is within ``max_drop`` of the float model's metric measured through the same
+A backend passes when its INT8 metric is within ``max_metric_drop`` points of the float model's metric measured through the same
 backend; the stage passes when at least one backend does. Otherwise the gate fails and, with
 ``on_gate_fail: continue``, the float model stays head (the export stage then exports float only). The dygraph
 model is never changed: the INT8 models sit beside it in the checkpoint (``int8/``, ``int8_onnx/``).
@@ -31,20 +31,18 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
-from typing import List, Literal, Optional
+from typing import ClassVar, List, Literal, Optional
 
-import numpy as np
 
 from compress.checkpoint import atomic_write_json
+from compress.config import IN_POINTS
 from compress.errors import ConfigError
 from compress.fidelity import validate_fidelity_limits
-from compress.measure import dir_size
 from compress.stages.base import Stage, StageResult, register_stage
+from export.backends import PtqJob, backend_names, get_backend
 from finetune.trainer import DistillConfig, TaskTrainConfig
 
-PADDLE_INT8_DIR = "int8"  # the export and compare stages look for these folders in the quant checkpoint
-ONNX_INT8_DIR = "int8_onnx"
-BACKENDS = ("paddle_cpu", "onnxruntime")
+DEFAULT_BACKENDS = ("paddle_cpu", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,8 @@ class QuantConfig:
     calibration_limit: Optional[int] = None  # Calibration samples used (null: the split's own limit)
     quantizable_op_type: List[str] = ("conv2d", "depthwise_conv2d")
     weight_quantize_type: Literal["channel_wise_abs_max", "abs_max"] = "channel_wise_abs_max"
-    backends: List[Literal["paddle_cpu", "onnxruntime"]] = BACKENDS
-    max_drop: float = 0.01  # largest accepted metric loss of INT8 vs float (absolute, 0.01 = 1 point)
+    backends: List[str] = DEFAULT_BACKENDS  # registered backends with an INT8 recipe (export.backends)
+    max_metric_drop: float = 1.0  # largest accepted loss of INT8 vs float, in points of the main metric
     # largest accepted loss of agreement with the baseline (Fidelity split), INT8 vs float on the same backend,
     # in points: overall, and for the worst script (rec: latin / cjk / mixed). null: not gated
     max_fidelity_drop: Optional[float] = None
@@ -99,11 +97,19 @@ class QuantConfig:
     on_gate_fail: Literal["stop", "continue"] = "continue"
     qat: QatConfig = QatConfig()
 
+    RENAMED_KEYS: ClassVar[dict] = {"max_drop": ("max_metric_drop", IN_POINTS)}
+
     def validate(self, where):
+        with_recipe = [n for n in backend_names() if get_backend(n).int8_dir]
         if not self.backends:
-            raise ConfigError(f"{where}.backends: list at least one of {', '.join(BACKENDS)}")
-        if self.max_drop < 0:
-            raise ConfigError(f"{where}.max_drop: must be >= 0, got {self.max_drop}")
+            raise ConfigError(f"{where}.backends: list at least one of {', '.join(with_recipe)}")
+        for name in self.backends:
+            if not get_backend(name, f"{where}.backends").int8_dir:
+                raise ConfigError(f"{where}.backends: {name} has no INT8 recipe; use {', '.join(with_recipe)}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ConfigError(f"{where}.backends: {list(self.backends)} lists a backend twice")
+        if self.max_metric_drop < 0:
+            raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points, got {self.max_metric_drop}")
         validate_fidelity_limits(self, where)
 
 
@@ -111,28 +117,6 @@ def _predict_fn(model_dir, deploy, input_name):
     from export.predictor import create_predictor
     predictor = create_predictor(model_dir, deploy)
     return lambda images: predictor.run({input_name: images})[0]
-
-
-def _fan_in_order(model_dir, op_types):
-    """Quantizable conv weights sorted by fan-in (C_in x k x k), largest first.
-
-    On AVX2 CPUs oneDNN's u8s8 kernels accumulate pairs in int16 and saturate; the layers with the largest fan-in
-    are the likeliest to be hurt, so they are tried first for keeping float.
-    """
-    import paddle
-
-    from compress.quant.ptq import list_quantizable_layers, static_mode
-    from export.predictor import find_model_files
-    layers = list_quantizable_layers(model_dir, op_types)
-    files = find_model_files(model_dir)
-    with static_mode(), paddle.static.scope_guard(paddle.static.Scope()):
-        program, _, _ = paddle.static.load_inference_model(
-            os.path.dirname(files.model_file), paddle.static.Executor(paddle.CPUPlace()),
-            model_filename=os.path.basename(files.model_file),
-            params_filename=os.path.basename(files.params_file))
-        shapes = {name: list(program.global_block().var(name).shape) for name in layers}
-    fan_in = {name: int(np.prod(shapes[name][1:])) if len(shapes.get(name, ())) == 4 else 0 for name in layers}
-    return sorted(layers, key=lambda name: -fan_in[name])
 
 
 @register_stage
@@ -175,21 +159,16 @@ class QuantStage(Stage):
             metadata["qat"] = self._train_qat(model, calib, cfg, ctx, qdq_dir)
             metrics[f"{main}_fake_quant"] = metadata["qat"]["fake_quant_metric"]
             metrics["qat_steps"] = metadata["qat"]["steps"]
+        job = PtqJob(folded_dir=folded_dir, out_dir=ctx.out_dir, work_dir=work, calibration=calib, evaluate=evaluate,
+                     main_metric=main, task=model_cfg.task, options=cfg)
         for backend in cfg.backends:
             started = time.time()
-            if qdq_dir and backend == "paddle_cpu":
-                result = self._qat_paddle(folded_dir, qdq_dir, cfg, ctx, evaluate)
-            elif qdq_dir:
-                result = self._qat_onnx(folded_dir, qdq_dir, ctx, evaluate)
-            elif backend == "paddle_cpu":
-                result = self._paddle_int8(folded_dir, calib, cfg, ctx, evaluate, work)
-            else:
-                result = self._onnx_int8(folded_dir, calib, cfg, ctx, evaluate, work)
+            result = get_backend(backend).from_qdq(job, qdq_dir) if qdq_dir else get_backend(backend).ptq(job)
             result["seconds"] = round(time.time() - started, 1)
             if qdq_dir:
                 result["int8_vs_fake_quant"] = round(result["int8_metric"] - metadata["qat"]["fake_quant_metric"], 6)
             drop = result["float_metric"] - result["int8_metric"]
-            result["passed"] = drop <= cfg.max_drop
+            result["passed"] = 100.0 * drop <= cfg.max_metric_drop + 1e-9
             fidelity_failure = self._fidelity(result, backend, cfg, ctx, settings, metrics)
             if fidelity_failure:
                 result["passed"], result["fidelity_gate"] = False, fidelity_failure
@@ -223,7 +202,7 @@ class QuantStage(Stage):
             advice = ("raise Quant.qat.max_steps or lr, or quantize fewer layer types" if qdq_dir else
                       "raise Quant.max_skipped / fallback_candidates, try algo hist, or use method qat")
             return StageResult(model=model, metrics=metrics, metadata=metadata, passed=False,
-                               message=f"INT8 lost more than {cfg.max_drop:g} {main} "
+                               message=f"INT8 lost more than {cfg.max_metric_drop:g} points of {main} "
                                        f"{'or its fidelity budget ' if fidelity_failures else ''}on every backend "
                                        f"({summary}{'; ' + fidelity_failures if fidelity_failures else ''}); "
                                        f"{advice}")
@@ -289,102 +268,3 @@ class QuantStage(Stage):
             info["folded"] = {"batch_norms": qat.folded.batch_norms, "affines": qat.folded.affines,
                               "max_abs_diff": qat.folded.max_abs_diff}
         return info
-
-    def _qat_paddle(self, folded_dir, qdq_dir, cfg, ctx, evaluate):
-        """The QDQ model through Paddle Inference oneDNN INT8. When it misses ``max_drop``, the same model is also
-        run with its quantize/dequantize ops executed in float (no oneDNN): that metric is the quantization error
-        alone, so the rest of the loss is oneDNN's INT8 execution (PP-OCRv4 rec: 0.763 as float ops, 0.590 INT8)."""
-        main = ctx.task.main_metric
-        out_dir = os.path.join(ctx.out_dir, PADDLE_INT8_DIR)
-        shutil.copytree(qdq_dir, out_dir)
-        result = {"float_metric": evaluate(folded_dir, "paddle_cpu", "fp32")[main],
-                  "int8_metric": evaluate(out_dir, "paddle_cpu", "int8")[main],
-                  "float_bytes": dir_size(folded_dir), "int8_bytes": dir_size(out_dir), "dir": PADDLE_INT8_DIR,
-                  "float_model": folded_dir, "int8_model": out_dir}
-        if result["float_metric"] - result["int8_metric"] > cfg.max_drop:
-            result["qdq_float_ops_metric"] = evaluate(out_dir, "paddle_cpu", "fp32", mkldnn=False)[main]
-        return result
-
-    def _qat_onnx(self, folded_dir, qdq_dir, ctx, evaluate):
-        """paddle2onnx of the QDQ model, its weights stored as int8 (7-bit on CPUs without VNNI, see
-        :func:`compress.quant.onnx_int8.store_int8_weights`)."""
-        from compress.quant.onnx_int8 import cpu_has_vnni, export_onnx, store_int8_weights
-        main = ctx.task.main_metric
-        out_dir = os.path.join(ctx.out_dir, ONNX_INT8_DIR)
-        float_onnx = export_onnx(folded_dir, os.path.join(out_dir, "model_fp32.onnx"))
-        int8_onnx = export_onnx(qdq_dir, os.path.join(out_dir, "model_int8.onnx"))
-        weight_bits = 8 if cpu_has_vnni() else 7
-        stored = store_int8_weights(int8_onnx, weight_bits)
-        return {"float_metric": evaluate(float_onnx, "onnxruntime", "fp32")[main],
-                "weight_bits": weight_bits, "int8_weights": stored,
-                "int8_metric": evaluate(int8_onnx, "onnxruntime", "int8")[main],
-                "float_bytes": os.path.getsize(float_onnx), "int8_bytes": os.path.getsize(int8_onnx),
-                "dir": ONNX_INT8_DIR, "files": {"fp32": os.path.basename(float_onnx),
-                                                 "int8": os.path.basename(int8_onnx)},
-                "float_model": float_onnx, "int8_model": int8_onnx}
-
-    def _paddle_int8(self, folded_dir, calib, cfg, ctx, evaluate, work):
-        from compress.quant.ptq import ptq_with_fallback, layer_quant_sensitivity
-        main = ctx.task.main_metric
-        out_dir = os.path.join(ctx.out_dir, PADDLE_INT8_DIR)
-        ptq_args = dict(algo=cfg.algo, hist_percent=cfg.hist_percent,
-                        quantizable_op_type=tuple(cfg.quantizable_op_type),
-                        weight_quantize_type=cfg.weight_quantize_type)
-        float_metric = evaluate(folded_dir, "paddle_cpu", "fp32")[main]
-
-        def eval_on_eval(model_dir):
-            if model_dir == folded_dir:
-                return float_metric
-            return evaluate(model_dir, "paddle_cpu", "int8")[main]
-
-        sensitivity = None
-        if cfg.max_skipped > 0:
-            def ranking():
-                candidates = _fan_in_order(folded_dir, tuple(cfg.quantizable_op_type))[:cfg.fallback_candidates]
-                return layer_quant_sensitivity(
-                    folded_dir, calib,
-                    lambda d: evaluate(d, "paddle_cpu", "int8", split="calibration", limit=cfg.fallback_limit)[main],
-                    layers=candidates, work_dir=os.path.join(work, "sensitivity"), **ptq_args)
-            sensitivity = _Lazy(ranking)
-        result = ptq_with_fallback(folded_dir, out_dir, calib, eval_on_eval, max_drop=cfg.max_drop,
-                                   max_skipped=cfg.max_skipped, sensitivity=sensitivity, **ptq_args)
-        return {"float_metric": result.float_metric, "int8_metric": result.quant_metric,
-                "skipped_layers": list(result.skipped_layers), "history": [list(h) for h in result.history],
-                "float_bytes": dir_size(folded_dir), "int8_bytes": dir_size(out_dir), "dir": PADDLE_INT8_DIR,
-                "algo": cfg.algo, "float_model": folded_dir, "int8_model": out_dir}
-
-    def _onnx_int8(self, folded_dir, calib, cfg, ctx, evaluate, work):
-        from compress.quant.onnx_int8 import build_onnx_int8
-        main = ctx.task.main_metric
-        out_dir = os.path.join(ctx.out_dir, ONNX_INT8_DIR)
-        result = build_onnx_int8(folded_dir, out_dir, calib, fold=False)
-        return {"float_metric": evaluate(result.float_onnx, "onnxruntime", "fp32")[main],
-                "int8_metric": evaluate(result.int8_onnx, "onnxruntime", "int8")[main],
-                "float_bytes": os.path.getsize(result.float_onnx), "int8_bytes": os.path.getsize(result.int8_onnx),
-                "quantized_nodes": result.quantized_nodes, "reduce_range": result.reduce_range,
-                "dir": ONNX_INT8_DIR, "files": {"fp32": os.path.basename(result.float_onnx),
-                                                 "int8": os.path.basename(result.int8_onnx)},
-                "float_model": result.float_onnx, "int8_model": result.int8_onnx}
-
-
-class _Lazy:
-    """A sequence computed on first use: the fallback ranking costs one PTQ per candidate, so it is only
-    computed when the first INT8 attempt misses the budget."""
-
-    def __init__(self, compute):
-        self._compute = compute
-        self._items = None
-
-    def _get(self):
-        if self._items is None:
-            self._items = self._compute()
-        return self._items
-
-    def __getitem__(self, index):
-        return self._get()[index]
-
-    def __len__(self):
-        return len(self._get())
-
-    def __bool__(self):
-        return True

@@ -53,7 +53,7 @@ def test_paddle_and_onnx_parity_within_tolerance(export_run, name):
     entry = manifest.entry("export", name)
     assert entry["status"] == "done", entry["message"]
     metrics = entry["metrics"]
-    for backend in ("paddle_cpu", "onnxruntime", "onnxruntime_vs_paddle"):
+    for backend in ("paddle_cpu", "onnxruntime", "onnxruntime_vs_paddle", "openvino"):
         assert metrics[f"fp32/{backend}/max_abs_diff"] < 2e-4, backend
     assert metrics["fp32/paddle_bytes"] > 1e6 and metrics["fp32/onnx_bytes"] > 1e6
     parity = export.stage.load_parity(dirs[name])
@@ -67,7 +67,8 @@ def test_paddle_and_onnx_parity_within_tolerance(export_run, name):
 ])
 def test_deploy_configs(export_run, name, trt_range):
     bundle = read_deploy_bundle(os.path.join(export_run[0][name], "fp32"))
-    assert bundle.task == name and bundle.backends() == ["paddle_cpu", "onnxruntime", "paddle_trt"]
+    assert bundle.task == name and bundle.backends() == ["paddle_cpu", "onnxruntime", "openvino", "paddle_trt"]
+    assert bundle.model_path("openvino") == bundle.model_dir  # OpenVINO reads the exported Paddle program
     trt = bundle.deploy("paddle_trt")
     assert [list(s) for s in trt.trt.dynamic_shapes["x"]] == trt_range and not trt.trt.use_calib_mode
     assert ("self_attention_fuse_pass" in trt.delete_passes) == (name == "rec")

@@ -31,7 +31,7 @@ def write_pipeline(tmp_path, demo_data):
         Models: {{rec: {REC_CONFIG}}}
         Pipeline: [baseline, finetune]
         Baseline: {{eval_limit: 32}}
-        Finetune: {{max_steps: 3, warmup_steps: 1, batch_size: 8, eval_limit: 16, save_every: 2, max_drop: 0.05,
+        Finetune: {{max_steps: 3, warmup_steps: 1, batch_size: 8, eval_limit: 16, save_every: 2, max_metric_drop: 5.0,
                     select_by: fidelity, max_fidelity_drop: 50}}
     """)
     path = tmp_path / "pipeline.yml"

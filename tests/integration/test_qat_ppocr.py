@@ -11,7 +11,8 @@ import pytest
 import compress.stages  # noqa: F401  (registers the stages)
 from compress.config import load_config
 from compress.runner import Runner
-from compress.stages.quant import ONNX_INT8_DIR, PADDLE_INT8_DIR
+from export.backends.onnx_runtime import ONNX_INT8_DIR
+from export.backends.paddle_inference import PADDLE_INT8_DIR
 from export.predictor import find_model_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from compress.config import load_config, parse_override
+from compress.config import load_config, parse_override, parse_section
 from compress.errors import ConfigError
 from compress.stages import stage_sections
 
@@ -146,3 +146,13 @@ def test_float_keys_accept_yaml11_exponents_without_a_dot():
     assert parse_section(QuantConfig, {"qat": {"lr": value}}, "Quant").qat.lr == 5e-5
     with pytest.raises(ConfigError, match=r"Quant\.qat\.lr: expected a number, got '5e-5x'"):
         parse_section(QuantConfig, {"qat": {"lr": "5e-5x"}}, "Quant")
+
+
+@pytest.mark.parametrize("section, old", [("Quant", "max_drop"), ("Finetune", "max_drop"), ("Prune", "max_loss")])
+def test_old_drop_keys_name_their_new_key_in_points(section, old):
+    from compress.stages.base import STAGES
+
+    cls = next(STAGES.get(n).config_cls for n in STAGES.names() if STAGES.get(n).section == section)
+    with pytest.raises(ConfigError, match=rf"^{section}.{old} was renamed: use {section}.max_metric_drop \(in points"):
+        parse_section(cls, {old: 0.01}, section)
+    assert parse_section(cls, {"max_metric_drop": 2.5}, section).max_metric_drop == 2.5

@@ -317,7 +317,7 @@ def run_pipeline(tmp_path, demo_dir, baseline_metric=None, monkeypatch=None, **f
 
 
 def test_stage_passes_gate_and_saves_weights(demo_dir, tmp_path):
-    runner, lines = run_pipeline(tmp_path, demo_dir, max_drop=1.0)
+    runner, lines = run_pipeline(tmp_path, demo_dir, max_metric_drop=100.0)
     manifest = runner.run()
     entry = manifest.entry("finetune", "det")
     assert entry["status"] == "done" and "model.pdparams" in entry["files"]
@@ -326,8 +326,9 @@ def test_stage_passes_gate_and_saves_weights(demo_dir, tmp_path):
 
 
 def test_stage_gate_failure_stops_with_message(demo_dir, tmp_path, monkeypatch):
-    runner, _ = run_pipeline(tmp_path, demo_dir, baseline_metric=0.9, monkeypatch=monkeypatch, max_drop=0.01)
-    with pytest.raises(GateError, match=r"hmean 0\.\d+ < 0\.9000-0\.01: raise Finetune.epochs or lower Prune ratios"):
+    runner, _ = run_pipeline(tmp_path, demo_dir, baseline_metric=0.9, monkeypatch=monkeypatch, max_metric_drop=1.0)
+    with pytest.raises(GateError, match=r"hmean 0\.\d+ is \d+\.\d\d points below the baseline's 0\.9000, more than "
+                                        r"Finetune.max_metric_drop 1: raise Finetune.epochs or lower Prune ratios"):
         runner.run()
     from compress.checkpoint import Manifest
     manifest = Manifest.load(runner.run_dir)
@@ -347,7 +348,7 @@ def test_stage_nan_loss_leaves_head_on_previous_stage(demo_dir, tmp_path, monkey
     monkeypatch.setattr(finetune.stage, "build_task_loss",
                         lambda task, overrides=None, where="Finetune.loss": FailingLoss(
                             build_task_loss(task, overrides, where), at=1, value=float("nan")))
-    runner, _ = run_pipeline(tmp_path, demo_dir, max_drop=1.0)
+    runner, _ = run_pipeline(tmp_path, demo_dir, max_metric_drop=100.0)
     with pytest.raises(TrainingError, match="step 1"):
         runner.run()
     from compress.checkpoint import Manifest
@@ -357,8 +358,11 @@ def test_stage_nan_loss_leaves_head_on_previous_stage(demo_dir, tmp_path, monkey
 
 def test_config_rejects_unknown_keys_and_bad_values(demo_dir, tmp_path):
     from compress.errors import ConfigError
-    with pytest.raises(ConfigError, match="did you mean 'max_drop'"):
-        parse_section(FinetuneConfig, {"max_dorp": 0.1}, "Finetune")
+    with pytest.raises(ConfigError, match="did you mean 'max_metric_drop'"):
+        parse_section(FinetuneConfig, {"max_metric_dorp": 0.1}, "Finetune")
+    with pytest.raises(ConfigError, match=r"^Finetune.max_drop was renamed: use Finetune.max_metric_drop \(in points "
+                                          r"of the main metric: 0.01 -> 1.0\)$"):
+        parse_section(FinetuneConfig, {"max_drop": 0.01}, "Finetune")
     with pytest.raises(ConfigError, match="use one of: stop, continue"):
         parse_section(FinetuneConfig, {"on_gate_fail": "ignore"}, "Finetune")
     with pytest.raises(ConfigError, match="use one of: kl, l2"):
@@ -366,9 +370,11 @@ def test_config_rejects_unknown_keys_and_bad_values(demo_dir, tmp_path):
 
 
 def test_gate_message():
-    assert gate_message("hmean", 0.775, 0.78, 0.01) is None
-    assert gate_message("hmean", 0.71, 0.78, 0.01) == \
-        "hmean 0.7100 < 0.7800-0.01: raise Finetune.epochs or lower Prune ratios"
+    assert gate_message("hmean", 0.775, 0.78, 1.0) is None
+    assert gate_message("hmean", 0.77, 0.78, 1.0) is None  # exactly at the limit
+    assert gate_message("hmean", 0.71, 0.78, 1.0) == (
+        "hmean 0.7100 is 7.00 points below the baseline's 0.7800, more than Finetune.max_metric_drop 1: raise "
+        "Finetune.epochs or lower Prune ratios")
     assert gate_message("hmean", 0.1, 0.78, None) is None
 
 
@@ -379,7 +385,7 @@ def test_dry_run_describes_the_schedule_without_training(demo_dir):
     cfg = parse_section(FinetuneConfig, {"epochs": 3, "eval_limit": 2}, "Finetune")
     text = finetune.stage.FinetuneStage().dry_run(None, cfg, ctx)
     assert "4 training samples, batch 2 x 1 process(es), 2 steps/epoch, 6 steps" in text
-    assert "gate: hmean >= baseline - 0.01" in text
+    assert "gate: hmean >= baseline - 1 pt" in text
 
 
 def test_loss_section_is_checked_against_the_ppocr_loss():

@@ -1,0 +1,152 @@
+"""The interface every inference backend implements, and the registry the rest of the project looks them up in.
+
+A backend is one class in one module of this package (NNCF's per-backend algorithm classes are the model): it says
+whether it can run on this machine and why not, which model formats it reads, how to build a predictor from a
+:class:`export.predictor.DeployConfig`, where its model sits in an exported folder, and how to make an INT8 model
+for it. Nothing outside its module spells its name except the configs; a new backend is a new module that
+registers itself with :func:`register_backend` (tests do that from test code alone).
+"""
+import dataclasses
+from typing import Callable, Optional
+
+from compress.errors import ConfigError, InputError
+from compress.registry import BACKENDS
+
+# metadata of an INT8 ONNX file naming the one runtime it was calibrated and checked for; others refuse it
+INT8_RUNTIME_KEY = "ppocr_compress.int8_runtime"
+
+
+def register_backend(cls):
+    """Class decorator: register an instance of a :class:`Backend` subclass under ``cls.name``."""
+    BACKENDS.register(cls.name, cls())
+    return cls
+
+
+def get_backend(name, where=""):
+    """The registered backend called ``name``; ConfigError listing the valid names otherwise."""
+    return BACKENDS.get(name, where)
+
+
+def backend_names():
+    return BACKENDS.names()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """Files of one inference model.
+
+    Attributes:
+        model_file: program file (``*.pdmodel``, ``*.json`` for PIR programs, ``*.onnx``, or an OpenVINO ``*.xml``).
+        params_file: ``*.pdiparams`` (Paddle) or ``*.bin`` (OpenVINO) next to it; None for ONNX.
+        format: ``"pdmodel"``, ``"json"``, ``"onnx"`` or ``"openvino"``.
+    """
+
+    model_file: str
+    params_file: "str | None"
+    format: str
+
+
+class Predictor:
+    """A created predictor: ``run({input name: array}) -> [output arrays]``.
+
+    Attributes:
+        backend: the backend really used (after any fallback).
+        fallback_reason: why the requested backend was replaced, or None.
+        input_names / output_names: model I/O names.
+    """
+
+    def __init__(self, backend, fallback_reason, runner, input_names, output_names):
+        self.backend = backend
+        self.fallback_reason = fallback_reason
+        self._runner = runner
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def run(self, inputs):
+        """Run one batch.
+
+        Args:
+            inputs: input name -> numpy array.
+
+        Returns:
+            list of numpy arrays, in ``output_names`` order.
+        """
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise InputError(f"predictor inputs missing {missing}; the model expects {self.input_names}")
+        return self._runner(inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PtqJob:
+    """What a backend needs to make and judge an INT8 model of one float model.
+
+    Attributes:
+        folded_dir: the float Paddle inference model (affine blocks folded into the convs).
+        out_dir: the quant stage's checkpoint folder; the backend writes into ``out_dir/<its int8_dir>``.
+        work_dir: scratch folder.
+        calibration: ``[{input name: batch}]`` from the Calibration split.
+        evaluate: ``evaluate(model_path, backend, precision, split="eval", limit=None, mkldnn=True) -> metrics``.
+        main_metric: key of the task's main metric in those metrics (higher is better).
+        task: ``det`` or ``rec``.
+        options: the ``Quant`` section (algo, max_metric_drop, max_skipped, ...: compress.stages.quant.QuantConfig).
+    """
+
+    folded_dir: str
+    out_dir: str
+    work_dir: str
+    calibration: list
+    evaluate: Callable
+    main_metric: str
+    task: str
+    options: object
+
+
+class Backend:
+    """One inference backend.
+
+    Attributes:
+        name: the name configs use (``Export.backends``, ``deploy_<name>.yml``).
+        formats: model formats :meth:`create` reads (``pdmodel``, ``json``, ``onnx``, ``openvino``).
+        gpu: needs a GPU (the export writes fp16 configs only for these).
+        fallback: the backend that runs a config of this one on a machine where it is unavailable, or None.
+        int8_dir: folder of the quant stage's checkpoint holding this backend's INT8 model (None: no INT8 recipe).
+        int8_format: the format of the INT8 model it runs (None: ``formats[0]``); an exported ``int8/`` folder gets
+            this backend's deploy config only when it holds a model of that format, so no backend is handed another
+            runtime's INT8 file.
+        summary: one line for ``--help`` texts and the report.
+    """
+
+    name = ""
+    formats = ()
+    gpu = False
+    fallback = None
+    int8_dir = None
+    int8_format = None
+    summary = ""
+
+    def unavailable(self, capabilities) -> Optional[str]:
+        """Why this backend cannot run here (None: it can)."""
+        return None
+
+    def create(self, files, deploy):
+        """``(run, input_names, output_names)`` for ``files`` (a :class:`ModelFiles` in one of :attr:`formats`),
+        where ``run({input name: array}) -> [output arrays]``; :func:`export.predictor.create_predictor` wraps it
+        in a :class:`Predictor`."""
+        raise NotImplementedError
+
+    def model_path(self, folder, model_files) -> Optional[str]:
+        """What ``create_predictor`` loads for this backend in an exported folder whose ``deploy.yml`` lists
+        ``model_files`` (its ``Model.files``: format -> file name), or None when the folder has nothing it reads."""
+        return folder if model_files.get("paddle") else None
+
+    def ptq(self, job: PtqJob) -> dict:
+        """Post-training INT8 for this backend; returns the quant record (see :class:`PtqJob`): ``float_metric``,
+        ``int8_metric``, ``float_bytes``, ``int8_bytes``, ``dir``, ``float_model``, ``int8_model`` and extras."""
+        raise ConfigError(f"Quant.backends: {self.name} has no INT8 recipe; use one of "
+                          f"{', '.join(n for n in backend_names() if get_backend(n).int8_dir)}")
+
+    def from_qdq(self, job: PtqJob, qdq_dir) -> dict:
+        """The quant record of a QAT model (a Paddle QDQ model in ``qdq_dir``) run by this backend."""
+        raise ConfigError(f"Quant.method qat: backend {self.name} cannot run a Paddle QDQ model; use method ptq "
+                          f"for it or drop it from Quant.backends")
