@@ -23,7 +23,7 @@ child process):
   ort      int8-full    folded + ``quantize_onnx`` recipe ``full``
 
 ``--run <run_dir>`` also times every exported variant of a pipeline run (the export checkpoint of each model in its
-manifest: one variant per folder and deploy config, ``compress.stages.compare.discover_variants``).
+manifest: one variant per folder and deploy config, ``compress.compare.variants.discover_variants``).
 
 Measured at the defaults (98 s with the builds; Xeon with VNNI and AMX, 2 vCPU shared with other jobs, load 2-3),
 p50 ms and x vs paddle fp32, 1 thread / 2 threads:
@@ -217,7 +217,7 @@ def run_variants(run_dir, kind, threads, notes):
     """{("run", "<folder>@<backend>"): (path, deploy dict)} of the run's exported ``kind`` model(s)."""
     from compress.checkpoint import Manifest
     from compress.errors import CompressError
-    from compress.stages.compare import discover_variants, drop_unavailable
+    from compress.compare.variants import discover_variants, drop_unavailable
     from export.backends import backend_names
     from export.deploy import read_deploy_bundle
 

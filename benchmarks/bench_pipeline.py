@@ -11,7 +11,7 @@ Models come from a run directory of the default job (``--run-dir``: its export c
 
 Each variant runs on ``paddle_cpu`` (oneDNN; INT8 through oneDNN INT8) and ``onnxruntime`` (paddle2onnx float
 models; INT8 from ``compress.quant.onnx_int8``). Everything is measured in one process with the compare stage's
-code (``compress.stages.compare.measure_variants``): metric on the Eval split through the predictor, latency
+code (``compress.compare.measure.measure_variants``): metric on the Eval split through the predictor, latency
 percentiles at batch 1 and throughput interleaved between all variants, medians; ratios are against the float
 baseline on the same backend and against Paddle FP32.
 
@@ -173,7 +173,7 @@ def build_variants(kind, model_cfg, task, args):
 
 
 def _run_export_dir(run_dir, kind):
-    from compress.stages.compare import open_source
+    from compress.compare.runs import open_source
 
     source = open_source(run_dir)
     names = [name for name in source.models if source.config.models[name].task == kind]
@@ -186,7 +186,9 @@ def measure(kind, model_cfg, args):
     """Rows (compress.report format) for every variant x backend of one model."""
     import dataclasses
 
-    from compress.stages.compare import MeasureSettings, discover_variants, finish_rows, measure_variants
+    from compress.compare.measure import MeasureSettings, measure_variants
+    from compress.compare.rows import finish_rows
+    from compress.compare.variants import discover_variants
     from compress.tasks import make_task
 
     task = make_task(model_cfg, show_progress=False)

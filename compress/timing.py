@@ -6,6 +6,10 @@ Fairness rules used by the compare stage and the benchmarks:
 * repeats are interleaved, one run of each candidate per round, so that load from other processes on a shared
   machine hits all candidates alike; the order is reversed every other round (A,B,B,A,...) so that no candidate
   always runs right after the same neighbour;
+* a pause before every timed call (``pause_s``) lets the previous runtime's worker threads go idle: ONNX Runtime's
+  pool (when spinning is on) and the Intel OpenMP threads under Paddle's oneDNN (``KMP_BLOCKTIME``: 200 ms) keep
+  spinning after a call returns and take a core from whatever runs next (Paddle rec alone 28.9 ms, right after
+  ONNX Runtime calls 66.0 ms, with a 0.3 s pause 36.2 ms);
 * numbers are medians / percentiles over the repeats, never means;
 * peak memory is measured in a fresh child process per model (load + a few runs) with the same layout for all.
 
@@ -63,7 +67,7 @@ def latency_stats(seconds):
     return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), float(ms.min()), int(ms.size))
 
 
-def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter):
+def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter, pause_s=0.0, sleep=time.sleep):
     """Time several zero-argument callables fairly against each other.
 
     Args:
@@ -71,6 +75,8 @@ def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter):
         warmup: untimed runs of each candidate first (oneDNN / ORT build kernels and caches on the first runs).
         repeats: timed rounds; each round runs every candidate once, in alternating order.
         clock: time source (tests pass a fake one).
+        pause_s: idle time before every timed call (untimed), so no runtime's spinning threads slow the next one.
+        sleep: the pause function (tests pass a fake one).
 
     Returns:
         dict key -> LatencyStats.
@@ -83,6 +89,8 @@ def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter):
     for round_index in range(max(1, repeats)):
         order = keys if round_index % 2 == 0 else keys[::-1]
         for key in order:
+            if pause_s > 0:
+                sleep(pause_s)
             start = clock()
             candidates[key]()
             samples[key].append(clock() - start)
@@ -197,7 +205,7 @@ def machine_info():
     """
     info = {"cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "cpu_flags": _cpu_flags()}
-    for module in ("paddle", "onnxruntime", "paddleslim", "paddle2onnx", "numpy"):
+    for module in ("paddle", "onnxruntime", "openvino", "nncf", "paddleslim", "paddle2onnx", "numpy"):
         info[f"{module}_version"] = _module_version(module)
     return info
 

@@ -75,7 +75,8 @@ def run_labels(run_dir, other_dir):
 def compare(args):
     """Measure and write the reports; returns (rows, gate dict, written paths)."""
     from compress.report import summary_text, write_reports
-    from compress.stages.compare import compare_sources, open_source, run_gate
+    from compress.compare.rows import run_gate
+    from compress.compare.runs import compare_sources, open_source
     from compress.timing import machine_info
 
     if args.against:

@@ -5,7 +5,8 @@ import pytest
 
 from compress.config import parse_section
 from compress.errors import ConfigError, InputError
-from compress.stages.compare import CompareConfig, discover_variants
+from compress.compare.variants import discover_variants
+from compress.stages.compare import CompareConfig
 from compress.stages.quant import QuantConfig
 from export.backends import BACKENDS, Backend, get_backend, register_backend
 from export.deploy import build_deploy_config, read_deploy_bundle, write_deploy_bundle

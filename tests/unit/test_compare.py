@@ -12,7 +12,8 @@ from compress.checkpoint import Manifest, checksum_tree
 from compress.runner import StageContext
 from compress.stages import compare as compare_stage  # noqa: F401  (registers the stage)
 from compress.stages.base import STAGES
-from compress.stages.compare import CompareConfig, CompareStage, discover_variants
+from compress.compare.variants import discover_variants
+from compress.stages.compare import CompareConfig, CompareStage
 from compress.timing import latency_stats, time_interleaved
 
 
@@ -283,6 +284,26 @@ def test_time_interleaved_alternates_order_and_measures_each():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert stats["a"].p50_ms == pytest.approx(10.0) and stats["b"].p99_ms == pytest.approx(30.0)
     assert stats["a"].samples == 4
+
+
+def test_time_interleaved_pauses_before_every_timed_call_and_does_not_time_the_pause():
+    now, events = [0.0], []
+
+    def sleep(seconds):
+        events.append(("pause", seconds))
+        now[0] += seconds
+
+    def runner(key):
+        def run():
+            events.append(key)
+            now[0] += 0.010
+        return run
+
+    stats = time_interleaved({"a": runner("a"), "b": runner("b")}, warmup=1, repeats=2, clock=lambda: now[0],
+                             pause_s=0.25, sleep=sleep)
+    assert events == ["a", "b", ("pause", 0.25), "a", ("pause", 0.25), "b", ("pause", 0.25), "b", ("pause", 0.25),
+                      "a"]
+    assert stats["a"].p50_ms == pytest.approx(10.0) and stats["b"].p99_ms == pytest.approx(10.0)
 
 
 def test_peak_rss_follows_allocations():

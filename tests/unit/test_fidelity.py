@@ -8,7 +8,8 @@ from compress.data.labels import list_images
 from compress.fidelity import (FidelityReference, det_agreement, fidelity_drops, fidelity_gate,
                                normalized_similarity, rec_agreement, script_of, strip_label_ops)
 from compress.report import new_row
-from compress.stages.compare import CompareConfig, fidelity_failures, gate_summary
+from compress.compare.rows import fidelity_failures, gate_summary
+from compress.stages.compare import CompareConfig
 
 
 def test_script_of():
@@ -142,7 +143,7 @@ def test_e2e_agreement_scores_systems_against_the_baseline_system(tmp_path):
     import cv2
     import numpy as np
 
-    from compress.stages.compare import e2e_agreement
+    from compress.compare.e2e import e2e_agreement
 
     path = str(tmp_path / "page.jpg")
     cv2.imwrite(path, np.full((20, 20, 3), 255, np.uint8))

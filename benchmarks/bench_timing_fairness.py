@@ -1,0 +1,77 @@
+"""Is the A/B timing fair? A variant's p50 alone against its p50 interleaved with the other runtimes, in one run.
+
+The compare stage times every variant interleaved (one call of each in turn). A runtime whose worker threads keep
+spinning after a call returns (Intel OpenMP under Paddle's oneDNN: ``KMP_BLOCKTIME`` 200 ms; ONNX Runtime's pool
+when ``allow_spinning`` is on) takes a core from the next call, so interleaved numbers can be worse than what a
+deployment sees. This measures, for the shipped PP-OCRv4 rec (3x48x320) on Paddle Inference, ONNX Runtime and
+OpenVINO (FP32, ``--threads``):
+
+  alone              the variant by itself (``time_interleaved`` with one candidate)
+  interleaved        all three in turn, no pause (how compare timed before ``Compare.pause_ms``)
+  interleaved+pause  all three in turn with ``--pause-ms`` idle before each call (the compare stage's default)
+
+and prints each p50 and its ratio to ``alone``: fair timing keeps the ratio within noise of 1.00. Nothing is
+downloaded; the ONNX model is converted into a temporary folder.
+
+Usage: python benchmarks/bench_timing_fairness.py [--threads 2] [--repeats 30] [--pause-ms 250]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import compress  # noqa: E402,F401  (imports zlib before paddle)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from compress.ppocr_compat import rapidocr_root  # noqa: E402
+from compress.timing import machine_info, time_interleaved  # noqa: E402
+from export.deploy import delete_passes_for  # noqa: E402
+from export.onnx_export import export_to_onnx  # noqa: E402
+from export.predictor import DeployConfig, create_predictor  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pause-ms", type=float, default=250.0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    shipped = os.path.join(rapidocr_root(), "models", "ch_PP-OCRv4_rec_infer")
+    work = tempfile.mkdtemp(prefix="fairness-")
+    try:
+        folder = os.path.join(work, "rec")
+        shutil.copytree(shipped, folder)
+        onnx_file = export_to_onnx(folder, os.path.join(folder, "model.onnx")).path
+        x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 48, 320)).astype(np.float32)
+        paths = {"paddle_cpu": folder, "onnxruntime": onnx_file, "openvino": folder}
+        calls = {}
+        for backend, path in paths.items():
+            deploy = DeployConfig(backend=backend, threads=args.threads, delete_passes=delete_passes_for("rec"))
+            predictor = create_predictor(path, deploy)
+            calls[backend] = (lambda p: lambda: p.run({"x": x}))(predictor)
+        alone = {k: time_interleaved({k: call}, args.warmup, args.repeats)[k].p50_ms for k, call in calls.items()}
+        mixed = {k: s.p50_ms for k, s in time_interleaved(calls, args.warmup, args.repeats).items()}
+        paused = {k: s.p50_ms for k, s in time_interleaved(calls, args.warmup, args.repeats,
+                                                            pause_s=args.pause_ms / 1000.0).items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info = machine_info()
+    print(f"rec 1x3x48x320 FP32, {args.threads} threads, p50 of {args.repeats} calls; {info.get('cpu_model')}")
+    print(f"{'backend':<12} {'alone ms':>9} {'interleaved':>12} {'ratio':>6} {'+pause ms':>10} {'ratio':>6}")
+    for key in calls:
+        print(f"{key:<12} {alone[key]:>9.1f} {mixed[key]:>12.1f} {mixed[key] / alone[key]:>6.2f} "
+              f"{paused[key]:>10.1f} {paused[key] / alone[key]:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
