@@ -17,7 +17,7 @@ from compress.checkpoint import DONE, FAILED, STALE, Manifest, StagingDir, atomi
     next_version_dir
 from compress.config import dump_config, parse_section, stable_hash, to_plain
 from compress.errors import CheckpointError, ConfigError, GateError
-from compress.stages.base import PLANNED_STAGES, STAGES
+from compress.stages.base import PLANNED_STAGES, RUN_KEY, STAGES, RunContext
 
 WEIGHTS_FILE = "model.pdparams"
 
@@ -184,6 +184,12 @@ class Runner:
         states = {name: _ModelState(parent_hash=self._model_hash(name)) for name in self.cfg.models}
         count = len(self.stages)
         for index, stage in enumerate(self.stages):
+            if stage.scope == "run":
+                self._run_level(manifest, stage, states, index, dry_run)
+                if not dry_run:
+                    manifest.data["head"] = stage.name
+                    manifest.save()
+                continue
             stopping = []  # gate failures that stop the pipeline once every model has run this stage
             for model_name, state in states.items():
                 stage_cfg = self.stage_cfgs[stage.name, model_name]
@@ -217,6 +223,61 @@ class Runner:
                 manifest.save()
         return manifest
 
+    def _run_level(self, manifest, stage, states, index, dry_run):
+        """A run-level stage: one checkpoint for the run, re-run when any model's chain (or its config) changed."""
+        cfgs = {name: self.stage_cfgs[stage.name, name] for name in self.cfg.models}
+        config_hash = stable_hash(stage.name, [cfgs[n] for n in cfgs], [states[n].parent_hash for n in cfgs])
+        forced = any(state.forced for state in states.values())
+        for state in states.values():
+            state.parent_hash = config_hash
+        first_cfg = next(iter(cfgs.values()))
+        entry = manifest.entry(stage.name, RUN_KEY)
+        prefix = f"[{index + 1}/{len(self.stages)}] {stage.name:<11} {'run':<4}"
+        reusable = entry is not None and entry.get("config_hash") == config_hash and not forced and \
+            entry.get("status") in (DONE, FAILED) and not (entry["status"] == FAILED and
+                                                            stage.on_gate_fail(first_cfg) == "stop")
+        if reusable:
+            self.log(f"{prefix} {self._metric_text(manifest, RUN_KEY, entry)}  (finished earlier, skipped)")
+            return
+        if dry_run:
+            self.log(f"{prefix} would run")
+            return
+        final_dir = next_version_dir(os.path.join(self.run_dir, "stages", stage.name, RUN_KEY))
+        started = time.time()
+        with StagingDir(final_dir) as staging:
+            ctx = RunContext(models=list(self.cfg.models), model_cfgs=dict(self.cfg.models),
+                             tasks={name: self.task(name) for name in self.cfg.models}, global_cfg=self.cfg.Global,
+                             out_dir=staging.path, run_dir=self.run_dir, manifest=manifest, stage_index=index,
+                             stage_count=len(self.stages),
+                             work_dir=os.path.join(self.run_dir, "work", stage.name, RUN_KEY, config_hash))
+            result = stage.run_all(cfgs, ctx)
+            seconds = time.time() - started
+            atomic_write_json(os.path.join(staging.path, "stage.json"), {
+                "stage": stage.name, "model": RUN_KEY, "config": {n: to_plain(c) for n, c in cfgs.items()},
+                "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
+                "message": result.message, "seconds": round(seconds, 2)})
+            files = checksum_tree(staging.path)
+            if is_writer():
+                staging.commit()
+        entry = self._entry(final_dir, config_hash, files, result, seconds)
+        manifest.set_entry(stage.name, RUN_KEY, entry)
+        manifest.save()
+        for state in states.values():
+            state.forced = True
+        status = "" if result.passed else "  GATE FAILED: " + result.message
+        note = f"  {result.message}" if result.passed and result.message else ""
+        self.log(f"{prefix} {self._metric_text(manifest, RUN_KEY, entry)}{note}  {format_seconds(seconds)}{status}")
+        if not result.passed and stage.on_gate_fail(first_cfg) == "stop":
+            raise GateError(f"stage '{stage.name}' failed its gate: {result.message}; head stays on "
+                            f"'{manifest.head}'")
+
+    def _entry(self, final_dir, config_hash, files, result, seconds):
+        return {"status": DONE if result.passed else FAILED,
+                "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
+                "config_hash": config_hash, "files": files, "metrics": result.metrics,
+                "metadata": result.metadata, "message": result.message, "seconds": round(seconds, 2),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
     def _run_stage(self, manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix):
         if state.model is None or state.upto != index - 1:
             state.model = self.materialize(manifest, model_name, index - 1) if index > 0 else None
@@ -245,11 +306,7 @@ class Runner:
             files = checksum_tree(staging.path)
             if is_writer():
                 staging.commit()
-        entry = {"status": DONE if result.passed else FAILED,
-                 "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
-                 "config_hash": config_hash, "files": files, "metrics": result.metrics,
-                 "metadata": result.metadata, "message": result.message, "seconds": round(seconds, 2),
-                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        entry = self._entry(final_dir, config_hash, files, result, seconds)
         manifest.set_entry(stage.name, model_name, entry)
         manifest.save()
         state.forced = True
@@ -277,6 +334,8 @@ class Runner:
     def _metric_text(self, manifest, model_name, entry):
         from compress.tasks import TASKS
         metrics = entry.get("metrics", {})
+        if model_name == RUN_KEY:
+            return ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:4]) or "-"
         main = TASKS[self.cfg.models[model_name].task].main_metric
         if main not in metrics:
             return ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:3]) or "-"
@@ -286,13 +345,17 @@ class Runner:
             text += f" ({(metrics[main] - base[main]) * 100:+.1f} pt)"
         return text
 
+    def _keys(self, stage):
+        """The manifest keys of a stage's checkpoints: every model, or the one run-level key."""
+        return [RUN_KEY] if stage.scope == "run" else list(self.cfg.models)
+
     def rollback(self, stage_name):
         """Move the head back to ``stage_name``: later stages become stale (nothing is deleted)."""
         names = [s.name for s in self.stages]
         if stage_name not in names:
             raise ConfigError(f"--rollback-to {stage_name}: not in Pipeline; choose one of: {', '.join(names)}")
         manifest = Manifest.load(self.run_dir)
-        for model_name in self.cfg.models:
+        for model_name in self._keys(self.stages[names.index(stage_name)]):
             entry = manifest.entry(stage_name, model_name)
             if entry is None or entry.get("status") != DONE:
                 raise CheckpointError(f"--rollback-to {stage_name}: model '{model_name}' has no finished "
@@ -301,7 +364,7 @@ class Runner:
             manifest.verified_dir(stage_name, model_name)
         marked = []
         for stage in self.stages[names.index(stage_name) + 1:]:
-            for model_name in self.cfg.models:
+            for model_name in self._keys(stage):
                 entry = manifest.entry(stage.name, model_name)
                 if entry is not None and entry.get("status") != STALE:
                     entry["status"] = STALE
@@ -316,7 +379,7 @@ class Runner:
         manifest = Manifest.load(self.run_dir)
         rows = []
         for stage in self.stages:
-            for model_name in self.cfg.models:
+            for model_name in self._keys(stage):
                 entry = manifest.entry(stage.name, model_name)
                 if entry is None:
                     rows.append((stage.name, model_name, "pending", "-", "-", "-"))

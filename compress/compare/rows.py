@@ -2,7 +2,6 @@
 config a run wrote."""
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
-import json
 import os
 
 from compress.checkpoint import DONE, FAILED, verify_files
@@ -149,10 +148,3 @@ def checkpoint_dir(manifest, stage, model_name):
     verify_files(folder, entry.get("files", {}), f"stage '{stage}', model '{model_name}'")
     return folder
 
-
-def read_rows(folder):
-    path = os.path.join(folder, ROWS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["rows"]

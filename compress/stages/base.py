@@ -4,6 +4,10 @@ A stage is one small class with ``run`` and ``restore``:
 
 * ``run(model, cfg, ctx) -> StageResult`` does the work on one model and writes its extra files into
   ``ctx.out_dir`` (a staging directory the runner renames into place when the stage succeeds);
+* a run-level stage (``scope = "run"``, e.g. ``compare``) runs once per run over every model instead:
+  ``run_all(cfgs, ctx) -> StageResult`` with ``cfgs`` model name -> its config (``per_model`` overrides applied)
+  and a :class:`RunContext`; it has its own checkpoint (``stages/<stage>/_run/v<N>``, manifest key
+  :data:`RUN_KEY`) and never changes a model;
 * ``restore(model, cfg, metadata) -> model`` rebuilds the architecture change the stage made from its recorded
   ``metadata`` alone (kept channel indices, quantization wrappers, ...), with no data and no search, so that the
   runner can rebuild any checkpoint in a fresh process: build the architecture, ``restore`` every finished stage
@@ -18,6 +22,8 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 from compress.registry import Registry
 
 STAGES = Registry("stage")
+# the manifest's model key of a run-level stage's one checkpoint
+RUN_KEY = "_run"
 
 # Stages that the roadmap names; listing one in Pipeline before its module registers it is an error.
 PLANNED_STAGES = {
@@ -68,8 +74,14 @@ class Stage:
     # Stages that must appear somewhere before this one.
     requires: ClassVar[Tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    # "model": ``run`` once per model; "run": ``run_all`` once per run over every model
+    scope: ClassVar[str] = "model"
 
     def run(self, model, cfg, ctx) -> StageResult:
+        raise NotImplementedError
+
+    def run_all(self, cfgs, ctx) -> StageResult:
+        """A run-level stage's work over every model (``cfgs``: model name -> config; ``ctx``: a RunContext)."""
         raise NotImplementedError
 
     def restore(self, model, cfg, metadata):
@@ -85,3 +97,20 @@ def register_stage(cls):
     """Class decorator: add a Stage subclass to ``STAGES`` under ``cls.name``."""
     STAGES.register(cls.name, cls)
     return cls
+
+
+@dataclass
+class RunContext:
+    """What a run-level stage may use: every model's config and task, the manifest, its own output folder."""
+
+    models: list  # model names in run order
+    model_cfgs: Dict[str, Any]
+    tasks: Dict[str, Any]  # model name -> compress.tasks.Task
+    global_cfg: Any
+    out_dir: str  # the staging directory to write into
+    run_dir: str
+    manifest: Any
+    stage_index: int
+    stage_count: int
+    work_dir: str = ""
+    dry_run: bool = False

@@ -1,11 +1,12 @@
-"""Stage ``compare``: A/B of the compressed models against the baseline, with reports and a quality gate.
+"""Stage ``compare`` (run-level: once per run, over every model): A/B of the compressed models against the baseline,
+with reports and a quality gate.
 
 For each model the stage gathers one row per finished stage of the run, from the manifest (metric, params, FLOPs,
 weights size), and one row per exported model and backend, measured now (:mod:`compress.compare.measure`: main
 metric on the Eval split through the real predictor, fidelity to the baseline, size, latency p50/p90/p99,
-throughput, peak RSS); then compares every row with its baseline row (``compress.report``). When the last model of
-the run is processed it also runs the end-to-end OCR A/B (:mod:`compress.compare.e2e`) and writes the run-level
-reports into the run directory as well as into the stage directory. The variants come from the export checkpoint
+throughput, peak RSS); then compares every row with its baseline row (``compress.report``), each model against its
+own limits (``per_model``). It also runs the end-to-end OCR A/B (:mod:`compress.compare.e2e`) and writes the reports
+into the run directory as well as into its checkpoint. The variants come from the export checkpoint
 (:mod:`compress.compare.variants`).
 """
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
@@ -17,14 +18,14 @@ from typing import List, Optional
 from compress.checkpoint import DONE, atomic_write_json
 from compress.compare.e2e import e2e_for
 from compress.compare.measure import MeasureSettings, measure_variants
-from compress.compare.rows import (ROWS_FILE, checkpoint_dir, finish_rows, gate_summary, load_run_config, manifest_rows,
-                                   model_facts_from_manifest, read_rows, run_gate)
+from compress.compare.rows import (ROWS_FILE, checkpoint_dir, finish_rows, gate_summary, manifest_rows,
+                                   model_facts_from_manifest, run_gate)
 from compress.compare.variants import baseline_folders, discover_variants, drop_unavailable
-from compress.errors import CheckpointError, ConfigError
+from compress.errors import ConfigError
 from compress.fidelity import validate_fidelity_limits
 from compress.report import summary_text, write_reports
 from compress.stages.base import Stage, StageResult, register_stage
-from compress.stages.evaluation import fidelity_reference
+from compress.stages.evaluation import baseline_fidelity_reference
 from export.backends import get_backend
 
 
@@ -47,7 +48,7 @@ class CompareConfig:
     # the worst script (rec); null: not gated
     max_fidelity_drop: Optional[float] = None
     max_script_fidelity_drop: Optional[float] = None
-    e2e: bool = True  # end-to-end det+rec OCR A/B on the det eval pages (at the last model of the run)
+    e2e: bool = True  # end-to-end det+rec OCR A/B on the det eval pages
     e2e_limit: Optional[int] = None  # pages for the end-to-end A/B (null: all det eval pages)
     rss: bool = True  # measure peak RSS in a fresh process per exported model
 
@@ -70,73 +71,57 @@ class CompareConfig:
 
 @register_stage
 class CompareStage(Stage):
-    """A/B of every compressed variant against the baseline: metric, size, latency, throughput, memory."""
+    """A/B of every compressed variant of every model against the baseline: metric, fidelity, size, latency,
+    throughput, memory; once per run."""
 
     name = "compare"
     section = "Compare"
     config_cls = CompareConfig
+    scope = "run"
     allowed_after = ("export", "quant", "finetune", "prune", "eval", "baseline")
     summary = "A/B report of compressed vs baseline models (metric, size, latency, memory), quality gate"
 
-    def run(self, model, cfg, ctx):
-        settings = MeasureSettings.from_config(cfg, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
-        notes = []
-        rows = finish_rows(self._model_rows(ctx, cfg, settings, notes))
-        e2e = self._e2e(ctx, cfg, settings, notes) if cfg.e2e and self._is_last_model(ctx) else None
-        atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows + (e2e or [])})
-        all_rows = finish_rows(self._other_models_rows(ctx, keep_e2e=e2e is None) + rows + (e2e or []))
-        failures, message = gate_summary(rows, cfg)
-        write_reports(all_rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
-                      self._images(ctx), gate=run_gate(all_rows, cfg), notes=notes)
-        if self._is_last_model(ctx) or failures:
-            print(summary_text(all_rows), flush=True)
-        return StageResult(model=model, metrics=self._metrics(rows, ctx.task.main_metric), passed=not failures,
-                           message=message, metadata={"rows": len(rows)})
+    def run_all(self, cfgs, ctx):
+        first = cfgs[ctx.models[0]]
+        notes, rows, failures, messages, variants_by_model = [], [], [], [], {}
+        for name in ctx.models:
+            cfg = cfgs[name]
+            settings = MeasureSettings.from_config(cfg, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
+            model_rows, variants = self._model_rows(name, ctx, cfg, settings, notes)
+            model_rows = finish_rows(model_rows)
+            keys, message = gate_summary(model_rows, cfg)  # each model's own limits (per_model)
+            failures += keys
+            messages += [message] if message else []
+            rows += model_rows
+            variants_by_model[name] = (ctx.model_cfgs[name], variants)
+        settings = MeasureSettings.from_config(first, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
+        if first.e2e:
+            rows += e2e_for(variants_by_model, first, settings, notes, print)
+        rows = finish_rows(rows)
+        atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows})
+        gate = run_gate(rows, first)
+        gate.update(passed=not failures, failing=failures, message=" | ".join(messages))
+        write_reports(rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
+                      self._images(ctx), gate=gate, notes=notes)
+        print(summary_text(rows), flush=True)
+        return StageResult(model=None, metrics=self._metrics(rows, ctx), passed=not failures,
+                           message=" | ".join(messages), metadata={"rows": len(rows)})
 
-    def _model_rows(self, ctx, cfg, settings, notes):
-        """Manifest rows of this model, plus its exported models measured now."""
-        rows = manifest_rows(ctx.manifest, ctx.model_name, ctx.task.main_metric)
-        export_dir = checkpoint_dir(ctx.manifest, "export", ctx.model_name)
+    def _model_rows(self, name, ctx, cfg, settings, notes):
+        """Manifest rows of one model, plus its exported models measured now; and those variants."""
+        task = ctx.tasks[name]
+        rows = manifest_rows(ctx.manifest, name, task.main_metric)
+        export_dir = checkpoint_dir(ctx.manifest, "export", name)
         if export_dir is None:
-            notes.append(f"{ctx.model_name}: no export checkpoint in this run; rows come from the manifest only")
-            return rows
-        variants = discover_variants(export_dir, cfg.backends, task=ctx.task.task,
-                                     baseline_names=baseline_folders(ctx.manifest, ctx.model_name, export_dir))
+            notes.append(f"{name}: no export checkpoint in this run; rows come from the manifest only")
+            return rows, []
+        variants = discover_variants(export_dir, cfg.backends, task=task.task,
+                                     baseline_names=baseline_folders(ctx.manifest, name, export_dir))
         variants = drop_unavailable(variants, settings.threads, notes)
-        return rows + measure_variants(ctx.model_name, variants, ctx.task, settings,
-                                       ctx.model_cfg.Input.max_batch_size,
-                                       model_facts_from_manifest(ctx.manifest, ctx.model_name),
-                                       reference=fidelity_reference(ctx))
-
-    def _is_last_model(self, ctx):
-        models = ctx.manifest.data.get("models") or [ctx.model_name]
-        return ctx.model_name == models[-1]
-
-    def _other_models_rows(self, ctx, keep_e2e):
-        """Rows the other models' latest compare checkpoints recorded (their e2e rows only with ``keep_e2e``)."""
-        rows = []
-        for other in ctx.manifest.data.get("models", []):
-            if other == ctx.model_name:
-                continue
-            folder = checkpoint_dir(ctx.manifest, self.name, other)
-            if folder is not None:
-                rows += [r for r in read_rows(folder) if keep_e2e or r["model"] != "e2e"]
-        return rows
-
-    def _e2e(self, ctx, cfg, settings, notes):
-        try:
-            run_cfg = load_run_config(ctx.run_dir)
-        except CheckpointError as exc:
-            notes.append(f"end-to-end A/B skipped: {exc}")
-            return []
-        variants_by_model = {}
-        for name, model_cfg in run_cfg.models.items():
-            export_dir = checkpoint_dir(ctx.manifest, "export", name)
-            if export_dir is not None:
-                found = discover_variants(export_dir, cfg.backends, task=model_cfg.task,
-                                          baseline_names=baseline_folders(ctx.manifest, name, export_dir))
-                variants_by_model[name] = (model_cfg, drop_unavailable(found, settings.threads, []))
-        return e2e_for(variants_by_model, cfg, settings, notes, print)
+        rows += measure_variants(name, variants, task, settings, ctx.model_cfgs[name].Input.max_batch_size,
+                                 model_facts_from_manifest(ctx.manifest, name),
+                                 reference=baseline_fidelity_reference(ctx.manifest, name, ctx.model_cfgs[name]))
+        return rows, variants
 
     def _images(self, ctx):
         """The sensitivity stage's curves (``sensitivity.png``) per model, for the HTML report."""
@@ -158,15 +143,17 @@ class CompareStage(Stage):
                     batch=settings.batch)
         return info
 
-    def _metrics(self, rows, main):
-        gated = [r for r in rows if r["gated"] and r.get("metric") is not None]
+    def _metrics(self, rows, ctx):
+        """Per model: the worst gated row's metric and drop, and every measured variant's p50."""
         metrics = {"rows": len(rows)}
-        if gated:
-            worst = min(gated, key=lambda r: r.get("metric_diff") or 0.0)
-            metrics[main] = worst["metric"]
-            metrics["worst_variant"] = f"{worst.get('variant')}@{worst.get('backend')}"
-            metrics["max_drop_pt"] = round(-(worst.get("metric_diff_pt") or 0.0), 3)
+        for name in ctx.models:
+            gated = [r for r in rows if r["model"] == name and r["gated"] and r.get("metric") is not None]
+            if gated:
+                worst = min(gated, key=lambda r: r.get("metric_diff") or 0.0)
+                metrics[f"{name}/{ctx.tasks[name].main_metric}"] = worst["metric"]
+                metrics[f"{name}/worst_variant"] = f"{worst.get('variant')}@{worst.get('backend')}"
+                metrics[f"{name}/max_drop_pt"] = round(-(worst.get("metric_diff_pt") or 0.0), 3)
         for r in rows:
             if r["source"] == "measured" and r.get("latency_ms_p50") is not None:
-                metrics[f"latency_ms_p50[{r['variant']}@{r['backend']}]"] = round(r["latency_ms_p50"], 3)
+                metrics[f"latency_ms_p50[{r['model']}/{r['variant']}@{r['backend']}]"] = round(r["latency_ms_p50"], 3)
         return metrics

@@ -25,11 +25,16 @@ def fidelity_reference(ctx):
     Raises:
         CheckpointError: the baseline checkpoint holds no reference (re-run it).
     """
-    if ctx.model_cfg.Fidelity is None:
+    return baseline_fidelity_reference(ctx.manifest, ctx.model_name, ctx.model_cfg)
+
+
+def baseline_fidelity_reference(manifest, model_name, model_cfg):
+    """:func:`fidelity_reference` from a run's manifest, for a model and its config."""
+    if model_cfg.Fidelity is None:
         return None
-    path = os.path.join(ctx.stage_dir("baseline"), REFERENCE_FILE)
+    path = os.path.join(manifest.verified_dir("baseline", model_name), REFERENCE_FILE)
     if not os.path.exists(path):
-        raise CheckpointError(f"model '{ctx.model_name}': the baseline checkpoint has no {REFERENCE_FILE}; re-run "
+        raise CheckpointError(f"model '{model_name}': the baseline checkpoint has no {REFERENCE_FILE}; re-run "
                               f"it with --rollback-to baseline")
     return FidelityReference.load(path)
 

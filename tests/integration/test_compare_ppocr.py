@@ -14,9 +14,9 @@ import pytest
 
 from compress.checkpoint import Manifest, checksum_tree
 from compress.config import dump_config, load_config
-from compress.runner import StageContext
 from compress.stages import compare as compare_module  # noqa: F401  (registers the stage)
 from compress.stages import stage_sections
+from compress.stages.base import RunContext
 from compress.stages.compare import CompareConfig, CompareStage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,25 +79,20 @@ def run(tmp_path_factory, demo_data):
     os.chdir(cwd)
 
 
-def _run_compare(run, name, cfg):
-    manifest = run["manifest"]
-    out_dir = os.path.join(run["dir"], "stages", "compare", name, "v1")
+def _run_compare(run, cfg, models=("det", "rec"), out_dir=None, run_dir=None):
+    """The run-level compare stage over ``models``, writing into ``out_dir`` and ``run_dir`` (default: the run)."""
+    out_dir = out_dir or os.path.join(run["dir"], "stages", "compare", "_run", "v1")
     os.makedirs(out_dir)
-    ctx = StageContext(model_name=name, model_cfg=run["cfg"].models[name], global_cfg=run["cfg"].Global,
-                       task=run["tasks"][name], out_dir=out_dir, run_dir=run["dir"], manifest=manifest,
-                       stage_index=3, stage_count=4)
-    result = CompareStage().run(None, cfg, ctx)
-    manifest.set_entry("compare", name, {"status": "done" if result.passed else "failed",
-                                         "dir": f"stages/compare/{name}/v1", "files": checksum_tree(out_dir),
-                                         "metrics": result.metrics})
-    return result
+    ctx = RunContext(models=list(models), model_cfgs={m: run["cfg"].models[m] for m in models},
+                     tasks={m: run["tasks"][m] for m in models}, global_cfg=run["cfg"].Global, out_dir=out_dir,
+                     run_dir=run_dir or run["dir"], manifest=run["manifest"], stage_index=3, stage_count=4)
+    return CompareStage().run_all({m: cfg for m in models}, ctx)
 
 
 def test_compare_stage_on_real_models(run, capsys):
     cfg = CompareConfig(threads=1, warmup=1, repeats=3, batch=4, max_metric_drop=100.0, e2e=True, e2e_limit=2,
                         rss=False)
-    assert _run_compare(run, "det", cfg).passed
-    result = _run_compare(run, "rec", cfg)
+    result = _run_compare(run, cfg)
     assert result.passed, result.message
     printed = capsys.readouterr().out
     assert "== det ==" in printed and "== rec ==" in printed and "== e2e ==" in printed
@@ -128,14 +123,9 @@ def test_gate_fails_on_real_int8_drop(run):
     drop = CompareConfig(threads=1, warmup=0, repeats=1, batch=1, backends=("paddle_cpu",), max_metric_drop=0.0,
                          e2e=False, rss=False)
     out = os.path.join(run["dir"], "gate_check")
-    ctx = StageContext(model_name="det", model_cfg=run["cfg"].models["det"], global_cfg=run["cfg"].Global,
-                       task=run["tasks"]["det"], out_dir=out, run_dir=out, manifest=run["manifest"], stage_index=3,
-                       stage_count=4)
-    os.makedirs(out)
-    result = CompareStage().run(None, drop, ctx)
-    # the report also holds the rows rec's compare checkpoint recorded earlier in this run: pick det's measured rows
+    result = _run_compare(run, drop, models=("det",), out_dir=out, run_dir=out)
     rows = {r["variant"]: r for r in json.load(open(os.path.join(out, "report.json")))["rows"]
-            if r["model"] == "det" and r["source"] == "measured"}
+            if r["source"] == "measured"}
     int8, fp32 = rows["int8"], rows["fp32"]
     assert fp32["metric_diff"] == 0.0  # an exact copy is within a zero limit ...
     assert result.passed == (int8["metric_diff"] >= 0)  # ... INT8 only if it lost nothing

@@ -9,9 +9,9 @@ import pytest
 
 from compress import report
 from compress.checkpoint import Manifest, checksum_tree
-from compress.runner import StageContext
+
 from compress.stages import compare as compare_stage  # noqa: F401  (registers the stage)
-from compress.stages.base import STAGES
+from compress.stages.base import STAGES, RunContext
 from compress.compare.variants import discover_variants
 from compress.stages.compare import CompareConfig, CompareStage
 from compress.timing import latency_stats, time_interleaved
@@ -95,14 +95,18 @@ def _fake_run(tmp_path, export_dir, models=("det",)):
     return manifest
 
 
-def _ctx(manifest, tmp_path, model="det", out_name=None):
-    out_dir = tmp_path / (out_name or f"out_{model}")
+def _ctx(manifest, tmp_path, models=("det",), out_name="out"):
+    out_dir = tmp_path / out_name
     out_dir.mkdir()
     model_cfg = types.SimpleNamespace(Input=types.SimpleNamespace(max_batch_size=4), Fidelity=None)
-    return StageContext(model_name=model, model_cfg=model_cfg,
-                        global_cfg=types.SimpleNamespace(threads=1, show_progress=False), task=FakeTask(),
-                        out_dir=str(out_dir), run_dir=manifest.run_dir, manifest=manifest, stage_index=3,
-                        stage_count=4)
+    return RunContext(models=list(models), model_cfgs={m: model_cfg for m in models},
+                      tasks={m: FakeTask() for m in models},
+                      global_cfg=types.SimpleNamespace(threads=1, show_progress=False), out_dir=str(out_dir),
+                      run_dir=manifest.run_dir, manifest=manifest, stage_index=3, stage_count=4)
+
+
+def _run(manifest, tmp_path, cfg, models=("det",), out_name="out"):
+    return CompareStage().run_all({m: cfg for m in models}, _ctx(manifest, tmp_path, models, out_name))
 
 
 def _cfg(**kwargs):
@@ -128,7 +132,7 @@ def test_discover_variants_without_deploy_yml(export_dirs):
 
 def test_gate_passes_and_rows_have_deltas(tmp_path, export_dirs):
     manifest = _fake_run(tmp_path, export_dirs["close"])
-    result = CompareStage().run(None, _cfg(max_metric_drop=1.0), _ctx(manifest, tmp_path))
+    result = _run(manifest, tmp_path, _cfg(max_metric_drop=1.0))
     assert result.passed and result.message == ""
     data = json.loads((tmp_path / "run" / "report.json").read_text())
     rows = {report.row_key(r): r for r in data["rows"]}
@@ -146,7 +150,7 @@ def test_gate_passes_and_rows_have_deltas(tmp_path, export_dirs):
     assert measured["gated"] and not rows["det/prune/checkpoint@pipeline"]["gated"]
     pruned = rows["det/prune/checkpoint@pipeline"]
     assert pruned["metric_diff_pt"] == pytest.approx(-2.0) and pruned["size_ratio"] == pytest.approx(0.6)
-    for folder in (tmp_path / "run", tmp_path / "out_det"):
+    for folder in (tmp_path / "run", tmp_path / "out"):
         assert all((folder / name).exists() for name in report.REPORT_FILES)
     assert data["machine"]["threads"] == 1 and data["machine"]["cpu_model"]
     assert data["gate"]["passed"] is True
@@ -154,35 +158,36 @@ def test_gate_passes_and_rows_have_deltas(tmp_path, export_dirs):
 
 def test_gate_fails_with_one_clear_message_and_reports_are_written(tmp_path, export_dirs):
     manifest = _fake_run(tmp_path, export_dirs["far"])
-    result = CompareStage().run(None, _cfg(max_metric_drop=1.0), _ctx(manifest, tmp_path))
+    result = _run(manifest, tmp_path, _cfg(max_metric_drop=1.0))
     assert not result.passed
     assert re.match(r"det fp32 on paddle_cpu: hmean 1\.0000 -> 0\.\d{4} \(-\d+\.\d\d pt\), more than the 1\.00 pt "
                     r"allowed by Compare\.max_metric_drop", result.message), result.message
     data = json.loads((tmp_path / "run" / "report.json").read_text())
     assert data["gate"]["passed"] is False and data["gate"]["failing"] == ["det/export/fp32@paddle_cpu"]
     assert "Gate FAILED" in (tmp_path / "run" / "report.html").read_text()
-    assert result.metrics["max_drop_pt"] > 1.0
+    assert result.metrics["det/max_drop_pt"] > 1.0
 
 
 def test_gate_off_and_manifest_only_run(tmp_path, export_dirs):
     manifest = _fake_run(tmp_path, export_dirs["far"])
     del manifest.entries["export"]
-    result = CompareStage().run(None, _cfg(max_metric_drop=1.0), _ctx(manifest, tmp_path))
+    result = _run(manifest, tmp_path, _cfg(max_metric_drop=1.0))
     # no export: the last pipeline stage (prune, -2 pt) is gated
     assert not result.passed and result.message.startswith("det checkpoint on pipeline: hmean 0.8000 -> 0.7800")
-    assert CompareStage().run(None, _cfg(max_metric_drop=None), _ctx(manifest, tmp_path, out_name="again")).passed
+    assert _run(manifest, tmp_path, _cfg(max_metric_drop=None), out_name="again").passed
 
 
-def test_last_model_combines_rows_of_every_model(tmp_path, export_dirs):
-    manifest = _fake_run(tmp_path, export_dirs["close"], models=("a", "b"))
-    first = _ctx(manifest, tmp_path, "a")
-    CompareStage().run(None, _cfg(), first)
-    manifest.set_entry("compare", "a", {"status": "done", "dir": os.path.relpath(first.out_dir, manifest.run_dir),
-                                        "files": checksum_tree(first.out_dir), "metrics": {}})
-    CompareStage().run(None, _cfg(), _ctx(manifest, tmp_path, "b"))
+def test_one_run_level_call_measures_every_model_with_its_own_limits(tmp_path, export_dirs):
+    manifest = _fake_run(tmp_path, export_dirs["far"], models=("a", "b"))
+    cfgs = {"a": _cfg(max_metric_drop=100.0), "b": _cfg(max_metric_drop=1.0)}  # per_model: b is gated tighter
+    result = CompareStage().run_all(cfgs, _ctx(manifest, tmp_path, ("a", "b")))
     rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {"a", "b"}
     assert "## a" in (tmp_path / "run" / "report.md").read_text()
+    assert not result.passed and result.message.startswith("b fp32 on paddle_cpu: hmean")
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["gate"]["failing"] == [
+        "b/export/fp32@paddle_cpu"]
+    assert CompareStage.scope == "run"
 
 
 def test_config_is_strict():

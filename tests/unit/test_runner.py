@@ -1,4 +1,5 @@
 """Runner: resume, config-hash invalidation, rollback, atomic checkpoints, crash and SIGKILL recovery."""
+import dataclasses
 import json
 import re
 import os
@@ -10,8 +11,10 @@ import pytest
 
 from compress.checkpoint import Manifest
 from compress.config import load_config
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, GateError
 from compress.runner import Runner
+from compress.stages import stage_sections
+from compress.stages.base import RUN_KEY, STAGES, Stage, StageResult
 from tests.helpers import dummy_stages
 from tests.helpers.dummy_stages import CALLS, SECTIONS, forward, write_config
 
@@ -190,3 +193,68 @@ def test_gate_failure_with_continue_goes_on_from_the_input_model(tmp_path):
     assert manifest.head == "t_check"
     assert manifest.entry("t_gate", "a")["status"] == "failed"
     assert manifest.entry("t_check", "a")["status"] == "done"
+
+
+# ---------------------------------------------------------------------------------------------- run-level stages
+
+@dataclasses.dataclass(frozen=True)
+class SummaryConfig:
+    min_sum: float = -1e9  # gate on every model's t_check out_sum
+    on_gate_fail: str = "stop"
+
+
+class TSummary(Stage):
+    """A run-level stage defined here, in test code alone: once per run, over every model's t_check result."""
+
+    name, section, config_cls, allowed_after, scope = "t_summary", "TSummary", SummaryConfig, ("t_check",), "run"
+
+    def run_all(self, cfgs, ctx):
+        CALLS.append((self.name, tuple(ctx.models)))
+        sums = {m: ctx.manifest.entry("t_check", m)["metrics"]["out_sum"] for m in ctx.models}
+        with open(os.path.join(ctx.out_dir, "summary.json"), "w") as handle:
+            json.dump(sums, handle)
+        low = [m for m in ctx.models if sums[m] < cfgs[m].min_sum]
+        return StageResult(model=None, metrics={"models": len(sums)}, passed=not low,
+                           message=f"out_sum of {', '.join(low)} below min_sum" if low else "")
+
+
+if TSummary.name not in STAGES:
+    STAGES.register(TSummary.name, TSummary)
+
+
+def make_summary_runner(tmp_path, *overrides):
+    path = write_config(str(tmp_path), ("t_init", "t_perturb", "t_check", "t_summary"))
+    lines = []
+    return Runner(load_config(path, overrides, stage_sections=stage_sections()), log=lines.append), lines
+
+
+def test_a_run_level_stage_runs_once_per_run_with_its_own_checkpoint(tmp_path):
+    runner, lines = make_summary_runner(tmp_path)
+    manifest = runner.run()
+    assert CALLS[-1] == ("t_summary", ("a", "b")) and [c for c in CALLS if c[0] == "t_summary"] == [CALLS[-1]]
+    entry = manifest.entry("t_summary", RUN_KEY)
+    assert entry["status"] == "done" and entry["dir"] == "stages/t_summary/_run/v1" and manifest.head == "t_summary"
+    assert set(json.load(open(os.path.join(runner.run_dir, entry["dir"], "summary.json")))) == {"a", "b"}
+    assert lines[-1].startswith("[4/4] t_summary   run  models=2")
+    CALLS.clear()
+    make_summary_runner(tmp_path)[0].run()
+    assert CALLS == []  # nothing changed: skipped
+    make_summary_runner(tmp_path, "TPerturb.per_model={b: {delta: 0.5}}")[0].run()
+    assert sorted(CALLS, key=str) == sorted([("t_perturb", "b"), ("t_check", "b"), ("t_summary", ("a", "b"))],
+                                            key=str)  # one model's chain changed: the run-level stage re-runs
+    CALLS.clear()
+    runner, _ = make_summary_runner(tmp_path, "TPerturb.per_model={b: {delta: 0.5}}", "TSummary.min_sum=-1e8")
+    assert runner.run().entry("t_summary", RUN_KEY)["dir"] == "stages/t_summary/_run/v3" and \
+        CALLS == [("t_summary", ("a", "b"))]  # its own section changed: only it re-runs
+
+
+def test_a_run_level_stage_rolls_back_lists_and_gates(tmp_path, capsys):
+    runner, _ = make_summary_runner(tmp_path)
+    runner.run()
+    head, rows = runner.listing()
+    assert ("t_summary", RUN_KEY, "done") == rows[-1][:3] and len(rows) == 7
+    manifest = runner.rollback("t_check")
+    assert manifest.entry("t_summary", RUN_KEY)["status"] == "stale"
+    with pytest.raises(GateError, match=r"stage 't_summary' failed its gate: out_sum of a, b below min_sum; head "
+                                        r"stays on 't_check'"):
+        make_summary_runner(tmp_path, "TSummary.min_sum=1e9")[0].run()
