@@ -252,14 +252,8 @@ class Runner:
                              work_dir=os.path.join(self.run_dir, "work", stage.name, RUN_KEY, config_hash))
             result = stage.run_all(cfgs, ctx)
             seconds = time.time() - started
-            atomic_write_json(os.path.join(staging.path, "stage.json"), {
-                "stage": stage.name, "model": RUN_KEY, "config": {n: to_plain(c) for n, c in cfgs.items()},
-                "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
-                "message": result.message, "seconds": round(seconds, 2)})
-            files = checksum_tree(staging.path)
-            if is_writer():
-                staging.commit()
-        entry = self._entry(final_dir, config_hash, files, result, seconds)
+            entry = self._commit(staging, final_dir, stage, RUN_KEY, {n: to_plain(c) for n, c in cfgs.items()},
+                                 config_hash, result, seconds)
         manifest.set_entry(stage.name, RUN_KEY, entry)
         manifest.save()
         for state in states.values():
@@ -271,7 +265,15 @@ class Runner:
             raise GateError(f"stage '{stage.name}' failed its gate: {result.message}; head stays on "
                             f"'{manifest.head}'")
 
-    def _entry(self, final_dir, config_hash, files, result, seconds):
+    def _commit(self, staging, final_dir, stage, key, config, config_hash, result, seconds):
+        """Write ``stage.json``, checksum the staging folder, rename it into place; the manifest entry."""
+        atomic_write_json(os.path.join(staging.path, "stage.json"), {
+            "stage": stage.name, "model": key, "config": config, "metrics": result.metrics,
+            "metadata": result.metadata, "passed": result.passed, "message": result.message,
+            "seconds": round(seconds, 2)})
+        files = checksum_tree(staging.path)
+        if is_writer():
+            staging.commit()
         return {"status": DONE if result.passed else FAILED,
                 "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
                 "config_hash": config_hash, "files": files, "metrics": result.metrics,
@@ -299,14 +301,8 @@ class Runner:
                 paddle.save(result.model.state_dict(), weights_path)
                 result.metrics.setdefault("weights_bytes", os.path.getsize(weights_path))
                 result.metadata.setdefault("output_sha256", output_digest(result.model, ctx.task))
-            atomic_write_json(os.path.join(staging.path, "stage.json"), {
-                "stage": stage.name, "model": model_name, "config": to_plain(stage_cfg),
-                "metrics": result.metrics, "metadata": result.metadata, "passed": result.passed,
-                "message": result.message, "seconds": round(seconds, 2)})
-            files = checksum_tree(staging.path)
-            if is_writer():
-                staging.commit()
-        entry = self._entry(final_dir, config_hash, files, result, seconds)
+            entry = self._commit(staging, final_dir, stage, model_name, to_plain(stage_cfg), config_hash, result,
+                                 seconds)
         manifest.set_entry(stage.name, model_name, entry)
         manifest.save()
         state.forced = True
