@@ -249,7 +249,8 @@ class Runner:
                              tasks={name: self.task(name) for name in self.cfg.models}, global_cfg=self.cfg.Global,
                              out_dir=staging.path, run_dir=self.run_dir, manifest=manifest, stage_index=index,
                              stage_count=len(self.stages),
-                             work_dir=os.path.join(self.run_dir, "work", stage.name, RUN_KEY, config_hash))
+                             work_dir=os.path.join(self.run_dir, "work", stage.name, RUN_KEY, config_hash),
+                             config_file=self.cfg.source_file)
             result = stage.run_all(cfgs, ctx)
             seconds = time.time() - started
             entry = self._commit(staging, final_dir, stage, RUN_KEY, {n: to_plain(c) for n, c in cfgs.items()},
@@ -274,6 +275,8 @@ class Runner:
         files = checksum_tree(staging.path)
         if is_writer():
             staging.commit()
+            for name, inside in result.publish.items():
+                publish_link(os.path.join(self.run_dir, name), os.path.join(final_dir, inside))
         return {"status": DONE if result.passed else FAILED,
                 "dir": os.path.relpath(final_dir, self.run_dir).replace(os.sep, "/"),
                 "config_hash": config_hash, "files": files, "metrics": result.metrics,
@@ -384,6 +387,19 @@ class Runner:
                              self._metric_text(manifest, model_name, entry),
                              format_seconds(entry.get("seconds", 0)), entry["dir"]))
         return manifest.head, rows
+
+
+def publish_link(link, target):
+    """Make ``link`` a relative symlink to ``target``, replacing an older link atomically (a reader sees the old
+    folder or the new one, never none)."""
+    if os.path.exists(link) and not os.path.islink(link):
+        raise CheckpointError(f"{link}: exists and is not a link this project made; move it away to publish "
+                              f"{target} there")
+    tmp = f"{link}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+    os.replace(tmp, link)
 
 
 def _fmt(value):

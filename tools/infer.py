@@ -1,7 +1,9 @@
-"""OCR images with exported det + rec models: ``python tools/infer.py --det DIR --rec DIR --image PATH``.
+"""OCR images with exported det + rec models: ``python tools/infer.py --det DIR --rec DIR --image PATH``, or
+``python tools/infer.py --model-dir <run>/delivered --image PATH`` for what a run delivered.
 
 Each folder is an export of the pipeline's export stage (e.g. ``<run>/stages/export/det/v1/fp32``); its
-``deploy.yml`` gives the pre/post-processing and the deploy configs per backend.
+``deploy.yml`` gives the pre/post-processing and the deploy configs per backend (a delivered folder defaults to the
+backend it was chosen on).
 
 Output: one line per image in PaddleOCR's label format, reading order,
 ``<image name>\\t[{"transcription": "...", "points": [[x, y], x4], "score": 0.98}, ...]``
@@ -23,8 +25,9 @@ from compress.errors import InputError, run_cli  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--det", required=True, help="exported det model folder (holds deploy.yml)")
-    parser.add_argument("--rec", required=True, help="exported rec model folder (holds deploy.yml)")
+    parser.add_argument("--model-dir", help="a run's delivered/ folder (det/ and rec/ inside)")
+    parser.add_argument("--det", help="exported det model folder (holds deploy.yml); default: <model-dir>/det")
+    parser.add_argument("--rec", help="exported rec model folder (holds deploy.yml); default: <model-dir>/rec")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one image")
     source.add_argument("--folder", help="every image in this folder (sorted by name)")
@@ -61,6 +64,11 @@ def main(argv=None):
 
 
 def _run(args):
+    for key in ("det", "rec"):
+        if getattr(args, key) is None:
+            if not args.model_dir:
+                raise InputError(f"--{key}: missing; give --det and --rec, or --model-dir <run>/delivered")
+            setattr(args, key, os.path.join(args.model_dir, key))
     paths = list_images(args)
     from export.ocr_system import OcrSystem, draw_result, format_label_line, read_image
 

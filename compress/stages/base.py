@@ -52,6 +52,8 @@ class StageResult:
         weights_changed: the runner saves ``model.pdparams`` into the checkpoint when true.
         passed: false when the stage's quality gate failed.
         message: one short phrase for the stage's summary line (e.g. why the gate failed and what to change).
+        publish: run-directory names to point at folders of the checkpoint (e.g. ``{"delivered": "delivered"}``):
+            after the checkpoint is committed, ``<run_dir>/<name>`` becomes a symlink to it, swapped atomically.
     """
 
     model: Any
@@ -60,6 +62,7 @@ class StageResult:
     weights_changed: bool = False
     passed: bool = True
     message: str = ""
+    publish: Dict[str, str] = field(default_factory=dict)
 
 
 class Stage:
@@ -114,3 +117,4 @@ class RunContext:
     stage_count: int
     work_dir: str = ""
     dry_run: bool = False
+    config_file: str = ""  # the pipeline config the run was started with (for the commands a report quotes)

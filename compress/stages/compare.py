@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from compress.checkpoint import DONE, atomic_write_json
+from compress.compare.delivery import DELIVERED, choose, summary_line, write_delivered
 from compress.compare.e2e import e2e_for
 from compress.compare.measure import MeasureSettings, measure_variants
 from compress.compare.rows import (ROWS_FILE, checkpoint_dir, finish_rows, gate_summary, manifest_rows,
@@ -82,30 +83,66 @@ class CompareStage(Stage):
     summary = "A/B report of compressed vs baseline models (metric, size, latency, memory), quality gate"
 
     def run_all(self, cfgs, ctx):
+        """Measure every model, choose and write what is delivered, report. The gate fails for a model whose
+        compressed variants all miss its limits (its baseline is delivered); a failing variant beside a passing one
+        is only not chosen. Without measured variants, the model's last stage row is gated."""
         first = cfgs[ctx.models[0]]
-        notes, rows, failures, messages, variants_by_model = [], [], [], [], {}
+        notes, rows, failing, messages, variants_by_model, choices = [], [], [], [], {}, []
         for name in ctx.models:
             cfg = cfgs[name]
             settings = MeasureSettings.from_config(cfg, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
             model_rows, variants = self._model_rows(name, ctx, cfg, settings, notes)
             model_rows = finish_rows(model_rows)
             keys, message = gate_summary(model_rows, cfg)  # each model's own limits (per_model)
-            failures += keys
-            messages += [message] if message else []
+            choice = choose(name, model_rows, cfg)
+            if choice is None or (choice.tried and not choice.compressed_passed):
+                failing += keys
+                messages += [message] if message else []
+            if choice is not None:
+                choices.append(choice)
             rows += model_rows
             variants_by_model[name] = (ctx.model_cfgs[name], variants)
         settings = MeasureSettings.from_config(first, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
         if first.e2e:
             rows += e2e_for(variants_by_model, first, settings, notes, print)
         rows = finish_rows(rows)
+        for choice in choices:
+            variant = next(v for v in variants_by_model[choice.model][1]
+                           if v.name == choice.chosen["variant"] and v.backend == choice.chosen["backend"])
+            write_delivered(choice, variant, rows, ctx.out_dir, self._card_extras(choice.model, cfgs, ctx, settings))
+        delivered = summary_line(choices, rows) if choices else ""
         atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows})
         gate = run_gate(rows, first)
-        gate.update(passed=not failures, failing=failures, message=" | ".join(messages))
+        gate.update(passed=not failing, failing=failing, message=" | ".join(messages), delivered=delivered)
         write_reports(rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
-                      self._images(ctx), gate=gate, notes=notes)
+                      self._images(ctx), gate=gate, notes=notes + ([delivered] if delivered else []))
         print(summary_text(rows), flush=True)
-        return StageResult(model=None, metrics=self._metrics(rows, ctx), passed=not failures,
-                           message=" | ".join(messages), metadata={"rows": len(rows)})
+        if delivered:
+            print(delivered, flush=True)
+        metrics = self._metrics(rows, ctx)
+        metrics.update({f"{c.model}/delivered": f"{c.chosen['stage']}/{c.chosen['variant']}@{c.chosen['backend']}"
+                        for c in choices})
+        message = " | ".join(messages)
+        return StageResult(model=None, metrics=metrics, passed=not failing,
+                           message=message + (f"; {delivered}" if message and delivered else ""),
+                           metadata={"rows": len(rows), "delivered": delivered},
+                           publish={DELIVERED: DELIVERED} if choices else {})
+
+    def _card_extras(self, name, cfgs, ctx, settings):
+        """Model-card fields besides the rows: gates, threads, eval resolution, the stage chain and its rollbacks."""
+        cfg = cfgs[name]
+        chain = []
+        for stage in ctx.manifest.data.get("pipeline", []):
+            entry = ctx.manifest.entry(stage, name)
+            if entry is not None and entry.get("status") == "done":
+                chain.append({"stage": stage, "dir": entry["dir"],
+                              "rollback": f"python tools/run.py -c {ctx.config_file or '<pipeline config>'} "
+                                          f"--rollback-to {stage}"})
+        return {"gates": {"Compare.max_metric_drop": cfg.max_metric_drop,
+                          "Compare.max_fidelity_drop": cfg.max_fidelity_drop,
+                          "Compare.max_script_fidelity_drop": cfg.max_script_fidelity_drop},
+                "threads": settings.threads, "eval_samples": len(ctx.tasks[name].samples("eval", cfg.eval_limit)),
+                "chain": chain}
 
     def _model_rows(self, name, ctx, cfg, settings, notes):
         """Manifest rows of one model, plus its exported models measured now; and those variants."""

@@ -1,4 +1,5 @@
-"""Export of the real PP-OCRv4 det and rec through the runner (baseline -> export), then tools/infer.py on a page."""
+"""Export of the real PP-OCRv4 det and rec through the runner (baseline -> export -> compare), then tools/infer.py on
+a page, from the export folders and from what the run delivered."""
 import compress  # noqa: F401  (imports zlib before paddle)
 
 import json
@@ -24,14 +25,16 @@ MIN_MATCHING_WORDS = 5
 
 @pytest.fixture(scope="module")
 def export_run(demo_data, tmp_path_factory):
-    """Run [baseline, export] on both models once: a few eval samples, fp32 only."""
+    """Run [baseline, export, compare] on both models once: a few eval samples, fp32 only."""
     folder = tmp_path_factory.mktemp("export_run")
     config = {
         "Global": {"run_dir": str(folder / "run"), "threads": 1, "show_progress": False},
         "Models": {name: os.path.join(ROOT, "configs", "models", f"ppocrv4_{name}.yml") for name in ("det", "rec")},
-        "Pipeline": ["baseline", "export"],
+        "Pipeline": ["baseline", "export", "compare"],
         "Baseline": {"eval_limit": 2, "per_model": {"rec": {"eval_limit": 16}}},
         "Export": {"precisions": ["fp32"], "parity_samples": 2, "per_model": {"rec": {"parity_samples": 16}}},
+        "Compare": {"warmup": 1, "repeats": 3, "batch": 1, "pause_ms": 0, "rss": False, "e2e": False,
+                    "backends": ["paddle_cpu", "openvino"], "eval_limit": 2, "per_model": {"rec": {"eval_limit": 16}}},
     }
     path = folder / "pipeline.yml"
     path.write_text(yaml.safe_dump(config))
@@ -124,3 +127,27 @@ def test_fidelity_crops_from_pages_read_like_the_label_lines(export_run, tmp_pat
     assert {line.split("\t")[1] for line in listed} == {"eval_00000.jpg", "eval_00001.jpg"}
     assert main(["--det", det, "--pages", str(pages), "--out", str(out), "--quiet"]) == 2  # exists, no --force
     assert main(["--det", det, "--pages", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_run_delivers_the_fastest_passing_variant_and_infer_reads_it(export_run, tmp_path):
+    """No stage changed the weights: each model's delivery is its baseline on its fastest backend, exit 0, and
+    ``tools/infer.py --model-dir <run>/delivered`` reads a page with it."""
+    manifest = export_run[1]
+    delivered = os.path.join(manifest.run_dir, "delivered")
+    entry = manifest.entry("compare", "_run")
+    assert entry["status"] == "done" and os.path.islink(delivered)
+    assert os.path.realpath(delivered) == os.path.join(manifest.run_dir, entry["dir"], "delivered")
+    for name in ("det", "rec"):
+        card = json.load(open(os.path.join(delivered, name, "model_card.json")))
+        candidates = {c["backend"]: c["latency_ms_p50"] for c in card["candidates"]}
+        assert set(candidates) == {"paddle_cpu", "openvino"} and not card["compressed"]
+        assert card["chosen"]["backend"] == min(candidates, key=candidates.get)
+        assert read_deploy_bundle(os.path.join(delivered, name)).deploy().backend == card["chosen"]["backend"]
+    assert entry["metadata"]["delivered"].count("the pipeline made no compressed variant") == 2
+    command = [sys.executable, os.path.join(ROOT, "tools", "infer.py"), "--model-dir", delivered,
+               "--image", os.path.join(ROOT, PAGE)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, result = proc.stdout.strip().splitlines()[-1].split("\t", 1)
+    found = {line["transcription"].replace(" ", "") for line in json.loads(result)}
+    assert len(found & _label_words(name)) >= MIN_MATCHING_WORDS

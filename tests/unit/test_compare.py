@@ -12,6 +12,7 @@ from compress.checkpoint import Manifest, checksum_tree
 
 from compress.stages import compare as compare_stage  # noqa: F401  (registers the stage)
 from compress.stages.base import STAGES, RunContext
+from compress.compare.rows import finish_rows
 from compress.compare.variants import discover_variants
 from compress.stages.compare import CompareConfig, CompareStage
 from compress.timing import latency_stats, time_interleaved
@@ -328,3 +329,59 @@ def test_peak_rss_of_a_fresh_process(export_dirs):
     assert 50 < memory.peak_rss_mb < 4000 and 0 < memory.import_rss_mb <= memory.peak_rss_mb
     # not inherited from this (larger) process: a child's own address space only
     assert memory.model_rss_mb < 200
+
+
+# --------------------------------------------------------------------------------------------- delivery
+
+def _measured(stage, variant, backend, p50, metric, fidelity=None, size=100):
+    row = report.new_row("det", stage, variant=variant, backend=backend, source="measured", metric_name="hmean",
+                         metric=metric, latency_ms_p50=p50, latency_ms_p99=p50 * 1.2, size_bytes=size,
+                         gated=stage != "baseline", metrics={"fidelity": fidelity} if fidelity else {})
+    return row
+
+
+def test_delivery_picks_the_fastest_passing_variant_and_says_why_the_others_lost():
+    from compress.compare.delivery import choose
+
+    rows = finish_rows([_measured("baseline", "baseline_fp32", "paddle_cpu", 100.0, 0.90, 1.0),
+                        _measured("baseline", "baseline_fp32", "openvino", 50.0, 0.90, 1.0),
+                        _measured("export", "int8", "openvino", 20.0, 0.85, 0.99),   # -5 pt: fails the metric
+                        _measured("export", "int8", "onnxruntime", 30.0, 0.895, 0.90),  # fidelity -10 pt
+                        _measured("export", "fp32", "openvino", 40.0, 0.90, 0.995, size=60)])
+    choice = choose("det", rows, _cfg(max_metric_drop=1.0, max_fidelity_drop=3.0))
+    assert (choice.chosen["variant"], choice.chosen["backend"]) == ("fp32", "openvino") and choice.compressed
+    reasons = {(r["variant"], r["backend"]): why for r, why in choice.candidates}
+    assert reasons[("int8", "openvino")].startswith("hmean -5.00 pt vs the baseline, more than the 1 pt")
+    assert reasons[("int8", "onnxruntime")].startswith("fidelity 0.9000 is 10.00 pt below the baseline")
+    assert reasons[("fp32", "openvino")] is None and choice.compressed_passed
+    # every compressed variant failing: the fastest baseline is delivered and the model's gate fails
+    strict = choose("det", rows, _cfg(max_metric_drop=0.0, max_fidelity_drop=0.1))
+    assert strict.chosen["stage"] == "baseline" and strict.chosen["backend"] == "openvino"
+    assert strict.tried and not strict.compressed_passed
+
+
+def test_compare_writes_delivered_with_a_model_card_and_publishes_it(tmp_path, export_dirs):
+    manifest = _fake_run(tmp_path, export_dirs["close"])
+    result = _run(manifest, tmp_path, _cfg(max_metric_drop=1.0))
+    assert result.passed and result.publish == {"delivered": "delivered"}
+    card = json.loads((tmp_path / "out" / "delivered" / "det" / "model_card.json").read_text())
+    assert card["chosen"]["backend"] == "paddle_cpu" and card["eval_samples"] == 4
+    assert {c["variant"] for c in card["candidates"]} == {"baseline_fp32", "fp32"}
+    assert sum(c["chosen"] for c in card["candidates"]) == 1
+    assert (tmp_path / "out" / "delivered" / "det" / "MODEL_CARD.md").read_text().startswith("# det: ")
+    assert result.metadata["delivered"].startswith("delivered det: ")
+
+
+def test_publish_link_swaps_atomically_and_refuses_a_real_folder(tmp_path):
+    from compress.errors import CheckpointError
+    from compress.runner import publish_link
+
+    for version in ("v1", "v2"):
+        (tmp_path / "stages" / version / "delivered").mkdir(parents=True)
+        (tmp_path / "stages" / version / "delivered" / "mark").write_text(version)
+        publish_link(str(tmp_path / "delivered"), str(tmp_path / "stages" / version / "delivered"))
+        assert (tmp_path / "delivered" / "mark").read_text() == version
+    assert os.readlink(tmp_path / "delivered") == os.path.join("stages", "v2", "delivered")  # relative: movable
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match="exists and is not a link"):
+        publish_link(str(tmp_path / "other"), str(tmp_path / "stages" / "v1" / "delivered"))
