@@ -157,8 +157,10 @@ def card_markdown(card):
         lines.append(f"| {c['stage']} | {c['variant']} | {c['backend']} | {c['latency_ms_p50']:.1f} | "
                      f"{'yes' if c['passed'] else 'no'} | {'(chosen)' if c['chosen'] else c['why_not']} |")
     lines += ["", "## Gates", ""] + [f"- {k}: {v}" for k, v in (card.get("gates") or {}).items()]
-    lines += ["", f"Eval split: {card.get('eval_samples')} samples; a difference of one sample is "
-                  f"{100.0 / max(card.get('eval_samples') or 1, 1):.2f} points.", "", "## Stages and rollback", ""]
+    samples = card.get("eval_samples") or 0
+    resolution = (f"; one line is {100.0 / samples:.2f} points of {name}" if name == "acc" and samples else
+                  "; hmean counts the text boxes of these pages" if name == "hmean" else "")
+    lines += ["", f"Eval split: {samples} samples{resolution}.", "", "## Stages and rollback", ""]
     lines += [f"- {s['stage']}: `{s['dir']}`; roll back: `{s['rollback']}`" for s in card.get("chain", [])]
     return "\n".join(lines) + "\n"
 

@@ -91,7 +91,7 @@ def _run_compare(run, cfg, models=("det", "rec"), out_dir=None, run_dir=None):
 
 def test_compare_stage_on_real_models(run, capsys):
     cfg = CompareConfig(threads=1, warmup=1, repeats=3, batch=4, max_metric_drop=100.0, e2e=True, e2e_limit=2,
-                        rss=False)
+                        rss=False, pause_ms=0)
     result = _run_compare(run, cfg)
     assert result.passed, result.message
     printed = capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_compare_stage_on_real_models(run, capsys):
 
 def test_gate_fails_on_real_int8_drop(run):
     drop = CompareConfig(threads=1, warmup=0, repeats=1, batch=1, backends=("paddle_cpu",), max_metric_drop=0.0,
-                         e2e=False, rss=False)
+                         e2e=False, rss=False, pause_ms=0)
     out = os.path.join(run["dir"], "gate_check")
     result = _run_compare(run, drop, models=("det",), out_dir=out, run_dir=out)
     rows = {r["variant"]: r for r in json.load(open(os.path.join(out, "report.json")))["rows"]

@@ -111,7 +111,7 @@ def _run(manifest, tmp_path, cfg, models=("det",), out_name="out"):
 
 
 def _cfg(**kwargs):
-    base = dict(threads=1, warmup=1, repeats=3, batch=2, backends=("paddle_cpu",), e2e=False, rss=False)
+    base = dict(threads=1, warmup=1, repeats=3, batch=2, backends=("paddle_cpu",), e2e=False, rss=False, pause_ms=0)
     base.update(kwargs)
     return CompareConfig(**base)
 
