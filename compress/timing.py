@@ -6,10 +6,11 @@ Fairness rules used by the compare stage and the benchmarks:
 * repeats are interleaved, one run of each candidate per round, so that load from other processes on a shared
   machine hits all candidates alike; the order is reversed every other round (A,B,B,A,...) so that no candidate
   always runs right after the same neighbour;
-* a pause before every timed call (``pause_s``) lets the previous runtime's worker threads go idle: ONNX Runtime's
-  pool (when spinning is on) and the Intel OpenMP threads under Paddle's oneDNN (``KMP_BLOCKTIME``: 200 ms) keep
-  spinning after a call returns and take a core from whatever runs next (Paddle rec alone 28.9 ms, right after
-  ONNX Runtime calls 66.0 ms, with a 0.3 s pause 36.2 ms);
+* the previous runtime's worker threads (ONNX Runtime's pool when spinning is on, Intel OpenMP under Paddle's oneDNN,
+  which spins 200 ms) and cache lines slow the next call; ``settle`` untimed calls of the same candidate right before
+  each timed one leave it running as a deployment calling one model does (``benchmarks/bench_timing_fairness.py``:
+  interleaved p50 1.07-1.19x of alone with one settle call, 1.12-1.23x without; an idle pause instead, ``pause_s``,
+  made it worse: up to 1.83x, threads asleep and caches cold);
 * numbers are medians / percentiles over the repeats, never means;
 * peak memory is measured in a fresh child process per model (load + a few runs) with the same layout for all.
 
@@ -67,7 +68,8 @@ def latency_stats(seconds):
     return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), float(ms.min()), int(ms.size))
 
 
-def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter, pause_s=0.0, sleep=time.sleep):
+def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter, pause_s=0.0, sleep=time.sleep,
+                     settle=0):
     """Time several zero-argument callables fairly against each other.
 
     Args:
@@ -75,8 +77,11 @@ def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter, 
         warmup: untimed runs of each candidate first (oneDNN / ORT build kernels and caches on the first runs).
         repeats: timed rounds; each round runs every candidate once, in alternating order.
         clock: time source (tests pass a fake one).
-        pause_s: idle time before every timed call (untimed), so no runtime's spinning threads slow the next one.
+        pause_s: idle time before every timed call (untimed).
         sleep: the pause function (tests pass a fake one).
+        settle: untimed calls of the same candidate right before each timed call, so the timed call finds its own
+            runtime's threads awake and its weights in cache, as a deployment calling one model does, instead of
+            the previous runtime's spinning threads and cache lines.
 
     Returns:
         dict key -> LatencyStats.
@@ -91,6 +96,8 @@ def time_interleaved(candidates, warmup=3, repeats=20, clock=time.perf_counter, 
         for key in order:
             if pause_s > 0:
                 sleep(pause_s)
+            for _ in range(settle):
+                candidates[key]()
             start = clock()
             candidates[key]()
             samples[key].append(clock() - start)

@@ -24,11 +24,12 @@ class MeasureSettings:
     rss: bool
     show_progress: bool = True
     pause_ms: float = 0.0
+    settle_calls: int = 0
 
     @classmethod
     def from_config(cls, cfg, default_threads, show_progress=True):
         return cls(cfg.threads or default_threads, cfg.warmup, cfg.repeats, cfg.batch, cfg.eval_limit, cfg.rss,
-                   show_progress, cfg.pause_ms)
+                   show_progress, cfg.pause_ms, cfg.settle_calls)
 
 
 def timing_inputs(task, batch):
@@ -128,7 +129,8 @@ def _time_all(predictors, images, settings):
     from compress.timing import time_interleaved
 
     calls = {key: _bound(predictor, images) for key, predictor in predictors.items()}
-    return time_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats, pause_s=settings.pause_ms / 1000.0)
+    return time_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats, pause_s=settings.pause_ms / 1000.0,
+                            settle=settings.settle_calls)
 
 
 def _bound(predictor, images):

@@ -91,7 +91,7 @@ def _run_compare(run, cfg, models=("det", "rec"), out_dir=None, run_dir=None):
 
 def test_compare_stage_on_real_models(run, capsys):
     cfg = CompareConfig(threads=1, warmup=1, repeats=3, batch=4, max_metric_drop=100.0, e2e=True, e2e_limit=2,
-                        rss=False, pause_ms=0)
+                        rss=False, settle_calls=0)
     result = _run_compare(run, cfg)
     assert result.passed, result.message
     printed = capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_a_real_int8_drop_is_not_delivered_but_does_not_fail_a_passing_copy(run)
     """Zero-point limit: the exact FP32 copy passes, the real INT8 model only when it lost nothing; the gate fails
     only when every compressed variant misses, so the copy keeps it passing and the INT8 row says why it lost."""
     drop = CompareConfig(threads=1, warmup=0, repeats=1, batch=1, backends=("paddle_cpu",), max_metric_drop=0.0,
-                         e2e=False, rss=False, pause_ms=0)
+                         e2e=False, rss=False, settle_calls=0)
     out = os.path.join(run["dir"], "gate_check")
     result = _run_compare(run, drop, models=("det",), out_dir=out, run_dir=out)
     rows = {r["variant"]: r for r in json.load(open(os.path.join(out, "report.json")))["rows"]

@@ -33,7 +33,7 @@ def export_run(demo_data, tmp_path_factory):
         "Pipeline": ["baseline", "export", "compare"],
         "Baseline": {"eval_limit": 2, "per_model": {"rec": {"eval_limit": 16}}},
         "Export": {"precisions": ["fp32"], "parity_samples": 2, "per_model": {"rec": {"parity_samples": 16}}},
-        "Compare": {"warmup": 1, "repeats": 3, "batch": 1, "pause_ms": 0, "rss": False, "e2e": False,
+        "Compare": {"warmup": 1, "repeats": 3, "batch": 1, "settle_calls": 0, "rss": False, "e2e": False,
                     "backends": ["paddle_cpu", "openvino"], "eval_limit": 2, "per_model": {"rec": {"eval_limit": 16}}},
     }
     path = folder / "pipeline.yml"

@@ -111,7 +111,7 @@ def _run(manifest, tmp_path, cfg, models=("det",), out_name="out"):
 
 
 def _cfg(**kwargs):
-    base = dict(threads=1, warmup=1, repeats=3, batch=2, backends=("paddle_cpu",), e2e=False, rss=False, pause_ms=0)
+    base = dict(threads=1, warmup=1, repeats=3, batch=2, backends=("paddle_cpu",), e2e=False, rss=False, settle_calls=0)
     base.update(kwargs)
     return CompareConfig(**base)
 
@@ -310,6 +310,21 @@ def test_time_interleaved_pauses_before_every_timed_call_and_does_not_time_the_p
     assert events == ["a", "b", ("pause", 0.25), "a", ("pause", 0.25), "b", ("pause", 0.25), "b", ("pause", 0.25),
                       "a"]
     assert stats["a"].p50_ms == pytest.approx(10.0) and stats["b"].p99_ms == pytest.approx(10.0)
+
+
+def test_time_interleaved_settles_each_candidate_with_untimed_calls_of_its_own():
+    now, events = [0.0], []
+
+    def runner(key, seconds):
+        def run():
+            events.append(key)
+            now[0] += seconds
+        return run
+
+    stats = time_interleaved({"a": runner("a", 0.010), "b": runner("b", 0.030)}, warmup=0, repeats=2,
+                             clock=lambda: now[0], settle=1)
+    assert events == ["a", "a", "b", "b", "b", "b", "a", "a"]  # settle call, then the timed one
+    assert stats["a"].p50_ms == pytest.approx(10.0) and stats["b"].samples == 2
 
 
 def test_peak_rss_follows_allocations():
