@@ -182,46 +182,55 @@ class Runner:
             manifest.data["pipeline"] = [s.name for s in self.stages]
             manifest.data["models"] = list(self.cfg.models)
         states = {name: _ModelState(parent_hash=self._model_hash(name)) for name in self.cfg.models}
-        count = len(self.stages)
         for index, stage in enumerate(self.stages):
             if stage.scope == "run":
                 self._run_level(manifest, stage, states, index, dry_run)
-                if not dry_run:
-                    manifest.data["head"] = stage.name
-                    manifest.save()
-                continue
-            stopping = []  # gate failures that stop the pipeline once every model has run this stage
-            for model_name, state in states.items():
-                stage_cfg = self.stage_cfgs[stage.name, model_name]
-                config_hash = stable_hash(stage.name, stage_cfg, state.parent_hash)
-                state.parent_hash = config_hash
-                entry = manifest.entry(stage.name, model_name)
-                prefix = f"[{index + 1}/{count}] {stage.name:<11} {model_name:<4}"
-                reusable = entry is not None and entry.get("config_hash") == config_hash and \
-                    entry.get("status") in (DONE, FAILED) and not state.forced
-                if reusable and entry["status"] == FAILED and stage.on_gate_fail(stage_cfg) == "stop":
-                    reusable = False
-                if reusable:
-                    self.log(f"{prefix} {self._metric_text(manifest, model_name, entry)}  (finished earlier, "
-                             f"skipped)")
-                    continue
-                if dry_run:
-                    self._dry_run_stage(manifest, stage, stage_cfg, model_name, state, index, prefix)
-                    state.forced = True
-                    continue
-                passed = self._run_stage(manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix)
-                if not passed and stage.on_gate_fail(stage_cfg) == "stop":
-                    stopping.append(model_name)
-            if stopping:
-                first = stopping[0]
-                others = f" (also: {', '.join(stopping[1:])})" if len(stopping) > 1 else ""
-                raise GateError(f"stage '{stage.name}' failed its gate for model '{first}'{others}: "
-                                f"{manifest.entry(stage.name, first).get('message', '')}; head stays on "
-                                f"'{manifest.head}'")
+            else:
+                self._model_level(manifest, stage, states, index, dry_run)
             if not dry_run:
                 manifest.data["head"] = stage.name
                 manifest.save()
         return manifest
+
+    def _prefix(self, index, stage, key):
+        return f"[{index + 1}/{len(self.stages)}] {stage.name:<11} {key:<4}"
+
+    def _reusable(self, entry, config_hash, forced, stage, stage_cfg):
+        """A finished checkpoint with the same config hash, unless a failed gate must stop (then it re-runs)."""
+        return entry is not None and entry.get("config_hash") == config_hash and not forced and \
+            entry.get("status") in (DONE, FAILED) and \
+            not (entry["status"] == FAILED and stage.on_gate_fail(stage_cfg) == "stop")
+
+    def _log_finished(self, prefix, manifest, key, entry, result, seconds):
+        status = "" if result.passed else "  GATE FAILED: " + result.message
+        note = f"  {result.message}" if result.passed and result.message else ""
+        self.log(f"{prefix} {self._metric_text(manifest, key, entry)}{note}  {format_seconds(seconds)}{status}")
+
+    def _model_level(self, manifest, stage, states, index, dry_run):
+        """A stage per model; its gate failures stop the pipeline once every model has run it."""
+        stopping = []
+        for model_name, state in states.items():
+            stage_cfg = self.stage_cfgs[stage.name, model_name]
+            config_hash = stable_hash(stage.name, stage_cfg, state.parent_hash)
+            state.parent_hash = config_hash
+            entry = manifest.entry(stage.name, model_name)
+            prefix = self._prefix(index, stage, model_name)
+            if self._reusable(entry, config_hash, state.forced, stage, stage_cfg):
+                self.log(f"{prefix} {self._metric_text(manifest, model_name, entry)}  (finished earlier, skipped)")
+                continue
+            if dry_run:
+                self._dry_run_stage(manifest, stage, stage_cfg, model_name, state, index, prefix)
+                state.forced = True
+                continue
+            passed = self._run_stage(manifest, stage, stage_cfg, model_name, state, index, config_hash, prefix)
+            if not passed and stage.on_gate_fail(stage_cfg) == "stop":
+                stopping.append(model_name)
+        if stopping:
+            first = stopping[0]
+            others = f" (also: {', '.join(stopping[1:])})" if len(stopping) > 1 else ""
+            raise GateError(f"stage '{stage.name}' failed its gate for model '{first}'{others}: "
+                            f"{manifest.entry(stage.name, first).get('message', '')}; head stays on "
+                            f"'{manifest.head}'")
 
     def _run_level(self, manifest, stage, states, index, dry_run):
         """A run-level stage: one checkpoint for the run, re-run when any model's chain (or its config) changed."""
@@ -232,11 +241,8 @@ class Runner:
             state.parent_hash = config_hash
         first_cfg = next(iter(cfgs.values()))
         entry = manifest.entry(stage.name, RUN_KEY)
-        prefix = f"[{index + 1}/{len(self.stages)}] {stage.name:<11} {'run':<4}"
-        reusable = entry is not None and entry.get("config_hash") == config_hash and not forced and \
-            entry.get("status") in (DONE, FAILED) and not (entry["status"] == FAILED and
-                                                            stage.on_gate_fail(first_cfg) == "stop")
-        if reusable:
+        prefix = self._prefix(index, stage, "run")
+        if self._reusable(entry, config_hash, forced, stage, first_cfg):
             self.log(f"{prefix} {self._metric_text(manifest, RUN_KEY, entry)}  (finished earlier, skipped)")
             return
         if dry_run:
@@ -259,9 +265,7 @@ class Runner:
         manifest.save()
         for state in states.values():
             state.forced = True
-        status = "" if result.passed else "  GATE FAILED: " + result.message
-        note = f"  {result.message}" if result.passed and result.message else ""
-        self.log(f"{prefix} {self._metric_text(manifest, RUN_KEY, entry)}{note}  {format_seconds(seconds)}{status}")
+        self._log_finished(prefix, manifest, RUN_KEY, entry, result, seconds)
         if not result.passed and stage.on_gate_fail(first_cfg) == "stop":
             raise GateError(f"stage '{stage.name}' failed its gate: {result.message}; head stays on "
                             f"'{manifest.head}'")
@@ -311,10 +315,7 @@ class Runner:
         state.forced = True
         if result.passed:
             state.model, state.upto = result.model, index
-        text = self._metric_text(manifest, model_name, entry)
-        status = "" if result.passed else "  GATE FAILED: " + result.message
-        note = f"  {result.message}" if result.passed and result.message else ""
-        self.log(f"{prefix} {text}{note}  {format_seconds(seconds)}{status}")
+        self._log_finished(prefix, manifest, model_name, entry, result, seconds)
         return result.passed
 
     def _dry_run_stage(self, manifest, stage, stage_cfg, model_name, state, index, prefix):

@@ -243,10 +243,17 @@ def onnx_int8_runtime(files):
     """The runtime an INT8 ONNX model was made and checked for (its ``INT8_RUNTIME_KEY`` metadata), or None."""
     if files.format != "onnx":
         return None
+    stat = os.stat(files.model_file)
+    return _onnx_metadata(os.path.abspath(files.model_file), stat.st_mtime_ns, stat.st_size).get(INT8_RUNTIME_KEY)
+
+
+@functools.lru_cache(maxsize=64)
+def _onnx_metadata(path, mtime_ns, size):
+    """An ONNX file's metadata, parsed once per file version (a predictor is created many times per run)."""
     import onnx
 
-    model = onnx.load(files.model_file, load_external_data=False)
-    return next((p.value for p in model.metadata_props if p.key == INT8_RUNTIME_KEY), None)
+    model = onnx.load(path, load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def resolve_backend(deploy, capabilities=None):

@@ -27,10 +27,11 @@ from typing import List, Literal
 from compress.errors import CompressError, ConfigError
 from compress.stages.base import Stage, StageResult, register_stage
 from export.deploy import ONNX_FILE, DeploySettings, ShapeRangePlan, attach_shape_range_file, build_deploy_config, \
-    collect_shape_range_file, plan_dynamic_shapes, shape_range_plan, write_deploy_bundle
+    collect_shape_range_file, gpu_backends, plan_dynamic_shapes, shape_range_plan, write_deploy_bundle
 from export.exporter import ParityTolerance, compare_outputs, dygraph_outputs, export_inference_model, \
     model_bytes, predictor_outputs
 from export.backends import backend_names, get_backend
+from export.backends.openvino_runtime import ir_bytes, ir_weights
 from export.predictor import PRECISIONS, detect_capabilities, find_model_files, resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ExportConfig:
         for backend in self.backends:
             get_backend(backend, f"{where}.backends")
         if "fp16" in self.precisions and not any(get_backend(b).gpu for b in self.backends):
-            raise ConfigError(f"{where}.precisions: fp16 needs a GPU backend (paddle_gpu, paddle_trt) in "
+            raise ConfigError(f"{where}.precisions: fp16 needs a GPU backend ({', '.join(gpu_backends())}) in "
                               f"{where}.backends")
         if not OPSET_RANGE[0] <= self.opset <= OPSET_RANGE[1]:
             raise ConfigError(f"{where}.opset: {self.opset} is outside paddle2onnx 1.3.1's range "
@@ -174,10 +175,8 @@ def _baseline_model(ctx):
 
 def _quant_onnx_int8(quant_dir, quant_metadata):
     """The quant stage's ONNX Runtime INT8 file, from its metadata (``dir`` + ``files.int8``), else by name."""
-    record = (quant_metadata.get("backends") or {}).get("onnxruntime") or {}
-    name = (record.get("files") or {}).get("int8")
-    path = os.path.join(quant_dir, record.get("dir", QUANT_ONNX_DIR), name) if name else None
-    if path and os.path.isfile(path):
+    path = _quant_file(quant_dir, quant_metadata, "onnxruntime", QUANT_ONNX_DIR)
+    if path:
         return path
     found = sorted(glob.glob(os.path.join(quant_dir, QUANT_ONNX_DIR, "*int8*.onnx")))
     return found[0] if found else None
@@ -191,19 +190,10 @@ def _quant_file(quant_dir, quant_metadata, backend, default_dir):
     return path if path and os.path.isfile(path) else None
 
 
-# deploy.yml's Model.files key of each model format
-_FILES_KEY = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
-
-
 def _own_int8_model(backend, folder, available):
     """The INT8 model in ``folder`` made for ``backend`` (of its ``int8_format``), or None."""
-    key = _FILES_KEY[backend.int8_format or backend.formats[0]]
+    key = backend.int8_files_key
     return backend.model_path(folder, {key: available.get(key)}) if available.get(key) else None
-
-
-def _bin(xml_path):
-    """The weights file of an OpenVINO IR."""
-    return os.path.splitext(xml_path)[0] + ".bin"
 
 
 def _quant_output_dir(ctx):
@@ -244,8 +234,8 @@ class _ExportJob:
         ``int8/`` holds the Paddle QDQ model (Paddle backends), ``model.onnx`` (ONNX Runtime) and an OpenVINO IR,
         each only when the quant stage made it and it passed there; a backend runs only its own INT8 file.
         """
-        passed = set(quant_metadata.get("passed_backends", backend_names()))  # none recorded: a checkpoint
-        # written before gates were per backend
+        # no record: a checkpoint written before the gate was per backend, when every INT8 model passed it
+        passed = set(quant_metadata.get("passed_backends", backend_names()))
         made = quant_metadata.get("backends", {})
         source = os.path.join(quant_dir, QUANT_INT8_DIR)
         paddle_int8 = "paddle_cpu" in passed and os.path.isdir(source)
@@ -274,10 +264,9 @@ class _ExportJob:
         openvino_file = None
         if ov_int8:
             openvino_file = OPENVINO_INT8_FILE
-            for src, dst in ((ov_int8, openvino_file), (_bin(ov_int8), _bin(openvino_file))):
+            for src, dst in ((ov_int8, openvino_file), (ir_weights(ov_int8), ir_weights(openvino_file))):
                 shutil.copyfile(src, os.path.join(out, dst))
-            self.metrics[f"{INT8_DIR}/openvino_bytes"] = sum(
-                os.path.getsize(os.path.join(out, f)) for f in (openvino_file, _bin(openvino_file)))
+            self.metrics[f"{INT8_DIR}/openvino_bytes"] = ir_bytes(os.path.join(out, openvino_file))
         elif "openvino" in made and "openvino" in self.cfg.backends:
             self.notes.append(f"{INT8_DIR}/openvino skipped: the quant stage's OpenVINO INT8 model did not pass "
                               "its gate")

@@ -142,7 +142,7 @@ def _plain_variants(name, folder, backends, run, task):
     variants = []
     for backend in backends:
         reader = get_backend(backend)
-        own = [c for c in candidates if c[0] == _FORMAT_KEYS[reader.int8_format or reader.formats[0]]]
+        own = [c for c in candidates if c[0] == reader.int8_files_key]
         for fmt, path, stem in own:
             label = name if len(own) == 1 else f"{name}/{stem}"
             precision = _precision_from_name(name if fmt == "paddle" else stem if len(own) > 1 else name + stem)
@@ -150,10 +150,6 @@ def _plain_variants(name, folder, backends, run, task):
                                     DeployConfig(backend=backend, precision=precision,
                                                  delete_passes=passes).to_dict(), run))
     return variants
-
-
-# deploy.yml Model.files keys of the model formats
-_FORMAT_KEYS = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
 
 
 def drop_unavailable(variants, threads, notes):

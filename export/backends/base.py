@@ -14,6 +14,8 @@ from compress.registry import BACKENDS
 
 # metadata of an INT8 ONNX file naming the one runtime it was calibrated and checked for; others refuse it
 INT8_RUNTIME_KEY = "ppocr_compress.int8_runtime"
+# deploy.yml's ``Model.files`` key of each model format
+FILES_KEYS = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
 
 
 def register_backend(cls):
@@ -124,6 +126,11 @@ class Backend:
     int8_dir = None
     int8_format = None
     summary = ""
+
+    @property
+    def int8_files_key(self):
+        """The ``Model.files`` key (see :data:`FILES_KEYS`) of the INT8 model this backend runs."""
+        return FILES_KEYS[self.int8_format or self.formats[0]]
 
     def unavailable(self, capabilities) -> Optional[str]:
         """Why this backend cannot run here (None: it can)."""

@@ -133,31 +133,6 @@ def _nncf():
     return nncf
 
 
-def _quiet_nncf():
-    """NNCF's logger at WARNING (at INFO it lists every node an ignored scope matched); returns the old level."""
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    return nncf_logger, level
-
-
-def _dataset(nncf, calibration, input_names):
-    return nncf.Dataset(calibration, lambda feed: {name: feed[name] for name in input_names})
-
-
-def _model_type(nncf, task):
-    return nncf.ModelType.TRANSFORMER if task == "rec" else None
-
-
-def _overflow_fix():
-    from nncf.quantization.advanced_parameters import OverflowFix
-
-    from compress.quant.onnx_int8 import cpu_has_vnni
-
-    # VNNI multiplies int8 pairs into int32 without the 16-bit intermediate that saturates on AVX2 / AVX-512
-    return OverflowFix.DISABLE if cpu_has_vnni() else OverflowFix.FIRST_LAYER
-
-
 def nncf_quantize(model, calibration, task):
     """NNCF post-training INT8 of an ``openvino.Model``: NNCF's defaults, with :data:`FLOAT_OP_TYPES` left float.
 
@@ -174,6 +149,10 @@ def nncf_quantize(model, calibration, task):
         InputError: when ``calibration`` is empty or lacks one of the model's inputs.
     """
     nncf = _nncf()
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    from compress.quant.onnx_int8 import cpu_has_vnni
+
     input_names = [port.get_any_name() for port in model.inputs]
     if not calibration:
         raise InputError("OpenVINO INT8: the Calibration split gave no batch; check Calibration.label_file")
@@ -181,13 +160,17 @@ def nncf_quantize(model, calibration, task):
     if missing:
         raise InputError(f"OpenVINO INT8: calibration batches lack the model inputs {missing}; they hold "
                          f"{sorted(calibration[0])}")
-    model_type, overflow_fix = _model_type(nncf, task), _overflow_fix()
+    model_type = nncf.ModelType.TRANSFORMER if task == "rec" else None
+    # VNNI multiplies int8 pairs into int32 without the 16-bit intermediate that saturates on AVX2 / AVX-512
+    overflow_fix = OverflowFix.DISABLE if cpu_has_vnni() else OverflowFix.FIRST_LAYER
     started = time.time()
-    nncf_logger, level = _quiet_nncf()
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # at INFO it lists every node the ignored scope matched
     try:
         quantized = nncf.quantize(
-            model, _dataset(nncf, calibration, input_names), subset_size=len(calibration), model_type=model_type,
-            fast_bias_correction=True,
+            model, nncf.Dataset(calibration, lambda feed: {name: feed[name] for name in input_names}),
+            subset_size=len(calibration), model_type=model_type, fast_bias_correction=True,
             ignored_scope=nncf.IgnoredScope(types=list(FLOAT_OP_TYPES), validate=False),  # a model may have none
             advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix))
     finally:
@@ -197,6 +180,11 @@ def nncf_quantize(model, calibration, task):
                        "seconds_nncf": round(time.time() - started, 1)}
 
 
+def ir_weights(xml_path):
+    """The weights file (``.bin``) of an OpenVINO IR."""
+    return os.path.splitext(xml_path)[0] + ".bin"
+
+
 def ir_bytes(xml_path):
     """Bytes of an OpenVINO IR: the ``.xml`` and its ``.bin``."""
-    return os.path.getsize(xml_path) + os.path.getsize(os.path.splitext(xml_path)[0] + ".bin")
+    return os.path.getsize(xml_path) + os.path.getsize(ir_weights(xml_path))
