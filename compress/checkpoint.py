@@ -221,6 +221,17 @@ class Manifest:
         if entry is None or entry.get("status") != DONE:
             raise CheckpointError(f"stage '{stage}' has no finished checkpoint for model '{model}' in "
                                   f"{self.run_dir}; run the pipeline up to that stage first")
+        return self._verified(entry, stage, model)
+
+    def checkpoint_dir(self, stage, model):
+        """The (sha256-checked) checkpoint dir of a finished or gate-failed (stage, model), or None when there is
+        none."""
+        entry = self.entry(stage, model)
+        if entry is None or entry.get("status") not in (DONE, FAILED):
+            return None
+        return self._verified(entry, stage, model)
+
+    def _verified(self, entry, stage, model):
         folder = self.abs_dir(entry)
         verify_files(folder, entry.get("files", {}), f"stage '{stage}', model '{model}'")
         return folder

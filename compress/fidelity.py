@@ -19,6 +19,7 @@ exactly 1.0 by construction.
 """
 import dataclasses
 import json
+import os
 from typing import Dict, List
 
 import numpy as np
@@ -183,6 +184,35 @@ class FidelityReference:
             raise CheckpointError(f"{path}: fidelity reference format {data.get('format')!r}, expected "
                                   f"{REFERENCE_FORMAT}; re-run the baseline stage (--rollback-to baseline)")
         return cls(data["task"], list(data["images"]), list(data["outputs"]), list(data.get("scores", [])))
+
+
+def baseline_reference(manifest, model_name, model_cfg, required=True):
+    """The :class:`FidelityReference` a run's baseline stage stored for a model; None when its config has no
+    Fidelity split.
+
+    Args:
+        manifest: the run's :class:`compress.checkpoint.Manifest`.
+        model_name: the model.
+        model_cfg: its config.
+        required: a missing reference is an error (the run's own stages measure against it); False (comparing
+            finished runs, ``tools/compare.py``): None when the run has no baseline checkpoint or it holds no
+            reference (a run made before fidelity was measured).
+
+    Raises:
+        CheckpointError: with ``required``, when there is no finished baseline checkpoint or no reference in it;
+            always, when a checkpoint file is corrupt or the reference unreadable.
+    """
+    if model_cfg.Fidelity is None:
+        return None
+    folder = manifest.verified_dir("baseline", model_name) if required else \
+        manifest.checkpoint_dir("baseline", model_name)
+    path = os.path.join(folder, REFERENCE_FILE) if folder else None
+    if path and os.path.exists(path):
+        return FidelityReference.load(path)
+    if required:
+        raise CheckpointError(f"model '{model_name}': the baseline checkpoint has no {REFERENCE_FILE}; re-run it "
+                              f"with --rollback-to baseline")
+    return None
 
 
 def decode_outputs(task, predict, batches, desc="fidelity", show_progress=True, scores=None):

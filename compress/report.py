@@ -404,7 +404,8 @@ def render_html(rows, info, title="Compression A/B report", images=None, gate=No
         info: machine and settings facts.
         title: page title.
         images: model name -> list of (caption, PNG bytes) shown under that model (e.g. sensitivity curves).
-        gate: dict with ``passed``, ``message``, ``max_metric_drop`` (or None when there is no gate).
+        gate: dict with ``passed``, ``message`` and ``limits`` (model -> its ``max_metric_drop``,
+            ``max_fidelity_drop``, ``max_script_fidelity_drop``), or None when there is no gate.
         notes: extra lines.
     """
     images = images or {}
@@ -414,14 +415,16 @@ def render_html(rows, info, title="Compression A/B report", images=None, gate=No
              f"<h1>{html.escape(title)}</h1>"]
     if gate is not None:
         state = "pass" if gate["passed"] else "failed"
-        limits = [f"{gate[key]:g} pt of {what}" for key, what in (
+        limits = {model: [f"{own[key]:g} pt of {what}" for key, what in (
             ("max_metric_drop", "its baseline's metric"), ("max_fidelity_drop", "fidelity to the baseline"),
-            ("max_script_fidelity_drop", "fidelity per script")) if gate.get(key) is not None]
-        if not limits:
+            ("max_script_fidelity_drop", "fidelity per script")) if own.get(key) is not None]
+            for model, own in (gate.get("limits") or {}).items()}
+        if not any(limits.values()):
             state, title, text = "off", "Gate off", "no max_metric_drop or max_fidelity_drop set: nothing is gated"
         else:
             title = "Gate passed" if gate["passed"] else "Gate FAILED"
-            text = gate.get("message") or f"every gated row is within {', '.join(limits)}"
+            text = gate.get("message") or "every gated row is within its model's limits: " + "; ".join(
+                f"{model} {', '.join(own) or 'not gated'}" for model, own in limits.items())
         parts.append(f'<div class="gate {state}"><b>{title}:</b> {html.escape(text)}</div>')
     parts.append('<p class="small">' + "<br>".join(html.escape(line) for line in _machine_lines(info)) + "</p>")
     for model in models_in(rows):

@@ -28,15 +28,14 @@ import yaml
 
 from compress.errors import CompressError, ConfigError, InputError
 from export.backends import backend_names, get_backend
-from export.backends.paddle_inference import PADDLE_FORMATS
-from export.predictor import DEFAULT_DELETE_PASSES, DeployConfig, TrtConfig, detect_capabilities, \
-    find_model_files
+from export.backends.base import FILES_KEYS
+from export.backends.paddle_inference import PADDLE_FORMATS, SHAPE_RANGE_FILE, PaddleTrt, collect_shape_range_file
+from export.predictor import DEFAULT_DELETE_PASSES, DeployConfig, detect_capabilities, find_model_files
 
 logger = logging.getLogger(__name__)
 
 DEPLOY_FILE = "deploy.yml"
 ONNX_FILE = "model.onnx"
-SHAPE_RANGE_FILE = "shape_range_info.pbtxt"
 
 # IR passes PaddleOCR's own predictor (tools/infer/utility.py) switches off for every model because they produce
 # wrong results on its graphs; rec also needs DEFAULT_DELETE_PASSES (self_attention_fuse_pass: SIGILL without
@@ -143,7 +142,8 @@ def build_deploy_config(task, input_cfg, backend, precision, settings=None):
         settings: DeploySettings (default values when None).
 
     Returns:
-        DeployConfig, checked with :func:`validate_trt_settings` for TensorRT.
+        DeployConfig with the backend's own settings (``Backend.deploy_settings``: TensorRT's, checked with
+        :func:`validate_trt_settings`).
 
     Raises:
         ConfigError: fp16 on a CPU backend, or TensorRT settings that do not fit the input ranges.
@@ -151,17 +151,9 @@ def build_deploy_config(task, input_cfg, backend, precision, settings=None):
     settings = settings or DeploySettings()
     if precision == "fp16" and not get_backend(backend).gpu:
         raise ConfigError(f"deploy precision fp16 needs a GPU backend ({', '.join(gpu_backends())}), not {backend}")
-    trt = TrtConfig()
-    if backend == "paddle_trt":
-        trt = TrtConfig(workspace_size=settings.trt_workspace_mb << 20, max_batch_size=input_cfg.max_batch_size,
-                        min_subgraph_size=settings.trt_min_subgraph_size, use_static=settings.trt_use_static,
-                        cache_dir=None, use_calib_mode=False,  # quantised models carry their scales
-                        dynamic_shapes=plan_dynamic_shapes(task, input_cfg))
     deploy = DeployConfig(backend=backend, precision=precision, threads=settings.threads, mkldnn=settings.mkldnn,
-                          delete_passes=delete_passes_for(task), gpu_memory_mb=settings.gpu_memory_mb, trt=trt)
-    if backend == "paddle_trt":
-        validate_trt_settings(deploy, input_cfg)
-    return deploy
+                          delete_passes=delete_passes_for(task), gpu_memory_mb=settings.gpu_memory_mb)
+    return get_backend(backend).deploy_settings(deploy, task, input_cfg, settings)
 
 
 def validate_trt_settings(deploy, input_cfg):
@@ -272,7 +264,7 @@ class ShapeRangePlan:
 
 
 def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None, shape_plan=None,
-                        openvino_file=None):
+                        model_files=None):
     """Write ``deploy_<backend>.yml`` files and ``deploy.yml`` into an exported model folder.
 
     Args:
@@ -282,13 +274,19 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
         deploys: list of DeployConfig.
         onnx_file: file name of the ONNX model in ``model_dir``, or None.
         shape_plan: ShapeRangePlan for TensorRT, or None.
-        openvino_file: file name of an OpenVINO IR (``.xml``, its ``.bin`` beside it) in ``model_dir``, or None.
+        model_files: ``Model.files`` entries of the models the backends put into ``model_dir`` (format key -> file
+            name, e.g. an OpenVINO IR ``.xml`` with its ``.bin`` beside it); the Paddle files are read from the folder.
 
     Returns:
         path of ``deploy.yml``.
     """
     files = find_model_files(model_dir)
     paddle = files.format in PADDLE_FORMATS
+    listed = {"paddle": os.path.basename(files.model_file) if paddle else None,
+              "params": os.path.basename(files.params_file) if paddle and files.params_file else None,
+              "onnx": onnx_file}
+    listed.update((key, None) for key in FILES_KEYS.values() if key not in listed)
+    listed.update((key, name) for key, name in (model_files or {}).items() if key != "paddle")
     index = {}
     for deploy in deploys:
         name = deploy_file_name(deploy.backend, deploy.precision)
@@ -307,9 +305,7 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
         "Model": {
             "task": model_cfg.task,
             "precision": precision,
-            "files": {"paddle": os.path.basename(files.model_file) if paddle else None,
-                      "params": os.path.basename(files.params_file) if paddle and files.params_file else None,
-                      "onnx": onnx_file, "openvino": openvino_file},
+            "files": listed,
         },
         "Input": {"name": input_cfg.name, "export_shape": [-1 if d is None else d for d in export_shape],
                   "ranges": dict(zip(("min", "opt", "max"), ([int(d) for d in shape] for shape in ranges)))},
@@ -435,64 +431,22 @@ def shape_range_plan(model_dir, model_config_path=None):
                                f"trt.shape_range_file in the paddle_trt deploy configs")
 
 
-def collect_shape_range_file(model_dir, batches, path=None, allow_cpu=False):
-    """Run ``batches`` through the model with ``Config.collect_shape_range_info`` and write the ranges.
-
-    The ranges are recorded on the GPU graph (needs a CUDA build and a visible GPU). ``allow_cpu`` records them
-    on the CPU graph instead, which only tests the mechanics: its tensor names do not match TensorRT's graph.
-
-    Args:
-        model_dir: exported Paddle model folder.
-        batches: iterable of NCHW float32 arrays (calibration images, preprocessed as in deploy.yml).
-        path: output file (default ``<model_dir>/shape_range_info.pbtxt``).
-        allow_cpu: see above.
-
-    Returns:
-        the written path.
-
-    Raises:
-        InputError: without a usable GPU (unless ``allow_cpu``), or when no batch was given.
-    """
-    import numpy as np
-    import paddle.inference as paddle_infer
-
-    from export.backends.paddle_inference import paddle_config
-
-    caps = detect_capabilities()
-    if not (caps.cuda and caps.gpu_count) and not allow_cpu:
-        raise InputError("collecting TensorRT shape ranges needs paddlepaddle-gpu and a visible GPU; this build "
-                         f"has cuda={caps.cuda}, gpus={caps.gpu_count}")
-    backend = "paddle_gpu" if caps.cuda and caps.gpu_count else "paddle_cpu"
-    path = path or os.path.join(model_dir, SHAPE_RANGE_FILE)
-    files = find_model_files(model_dir)
-    # the Paddle backend builds the config; only the collection switch is added here
-    config = paddle_config(files, DeployConfig(backend=backend, mkldnn=False), backend)
-    config.collect_shape_range_info(path)
-    predictor = paddle_infer.create_predictor(config)
-    count = 0
-    for batch in batches:
-        for name in predictor.get_input_names():
-            handle = predictor.get_input_handle(name)
-            handle.reshape(batch.shape)
-            handle.copy_from_cpu(np.ascontiguousarray(batch, dtype="float32"))
-        predictor.run()
-        count += 1
-    if not count:
-        raise InputError("no calibration batch to collect shape ranges from")
-    del predictor  # the file is written when the predictor is destroyed
-    return path
-
-
-def attach_shape_range_file(model_dir, file_name=SHAPE_RANGE_FILE):
-    """Point every ``paddle_trt`` deploy config in ``model_dir`` at a collected shape-range file."""
+def attach_shape_range_file(model_dir, backend, file_name=SHAPE_RANGE_FILE):
+    """Point every deploy config of ``backend`` (TensorRT's, fp16 ones included) in ``model_dir`` at a collected
+    shape-range file."""
     bundle = read_deploy_bundle(model_dir)
     for key, name in (bundle.data.get("Deploy") or {}).get("configs", {}).items():
-        if not key.startswith("paddle_trt"):
+        if not key.startswith(backend):
             continue
         deploy = load_deploy_config(os.path.join(model_dir, name))
         trt = dataclasses.replace(deploy.trt, shape_range_file=file_name)  # relative: resolved by DeployBundle
         _write_yaml(os.path.join(model_dir, name), dataclasses.replace(deploy, trt=trt).to_dict())
-    data = dict(bundle.data, ShapeRangeTuning=dataclasses.asdict(ShapeRangePlan(file_name, True, "collected")))
+    record_shape_range_plan(model_dir, ShapeRangePlan(file_name, True, "collected"))
+
+
+def record_shape_range_plan(model_dir, plan):
+    """Set ``ShapeRangeTuning`` of ``model_dir``'s ``deploy.yml`` to a :class:`ShapeRangePlan`."""
+    data = dict(read_deploy_bundle(model_dir).data, ShapeRangeTuning=dataclasses.asdict(plan))
     _write_yaml(os.path.join(model_dir, DEPLOY_FILE), data)
 
 
@@ -511,7 +465,7 @@ def main(argv=None):
         model_cfg = parse_section(ModelConfig, raw, args.config)
         task = make_task(model_cfg, show_progress=False)
         collect_shape_range_file(args.collect_shape_ranges, task.input_batches("calibration", limit=args.limit))
-        attach_shape_range_file(args.collect_shape_ranges)
+        attach_shape_range_file(args.collect_shape_ranges, PaddleTrt.name)
         print(f"wrote {os.path.join(args.collect_shape_ranges, SHAPE_RANGE_FILE)}")
         return 0
     except CompressError as exc:

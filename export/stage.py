@@ -2,43 +2,41 @@
 
 Writes into the stage checkpoint, per model:
 
-* ``fp32/``: the current model (``paddle.jit.save``), ``model.onnx``, ``deploy.yml`` and ``deploy_<backend>.yml``;
+* ``fp32/``: the current model (``paddle.jit.save``), what the configured backends add to it (``model.onnx``),
+  ``deploy.yml`` and ``deploy_<backend>.yml``;
 * ``baseline_fp32/``: the same for the baseline weights, when a later stage changed them (for A/B comparison);
-* ``int8/``: the quant stage's INT8 Paddle model and its ONNX Runtime INT8 model (those that passed its gate; when
-  it made no ONNX model, a paddle2onnx conversion of the Paddle QDQ model), with INT8 deploy configs;
+* ``int8/``: the quant stage's INT8 models that passed its gate (the Paddle QDQ model, ONNX Runtime's and OpenVINO's;
+  when it made no ONNX model, a paddle2onnx conversion of the Paddle QDQ model), with INT8 deploy configs;
 * ``parity.json``: every parity report.
 
-Every exported model is run through ``create_predictor`` per backend on real eval images and compared with the
-dygraph model (float: raw outputs; INT8: decoded agreement); the ONNX model is also compared with the Paddle model.
+Each backend puts its own model into a folder (``Backend.int8_source`` / ``export_model`` in ``export/backends/``)
+and finishes it (``finish_export``: TensorRT's shape-range plan). Every exported model is run through
+``create_predictor`` per backend on real eval images and compared with the dygraph model (float: raw outputs; INT8:
+decoded agreement); a converted model is also compared with the one it was converted from (``model.onnx`` with the
+Paddle model).
 A backend this machine cannot run (TensorRT on a CPU-only Paddle) falls back to CPU, exactly as ``create_predictor``
 does, and its report says so. Any parity out of tolerance fails the stage's gate. The dygraph model is unchanged.
 """
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
 import dataclasses
-import glob
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from typing import List, Literal
 
-from compress.errors import CompressError, ConfigError
+from compress.errors import ConfigError
 from compress.stages.base import Stage, StageResult, register_stage
-from export.deploy import ONNX_FILE, DeploySettings, ShapeRangePlan, attach_shape_range_file, build_deploy_config, \
-    collect_shape_range_file, gpu_backends, plan_dynamic_shapes, shape_range_plan, write_deploy_bundle
+from export.deploy import DeploySettings, build_deploy_config, gpu_backends, plan_dynamic_shapes, write_deploy_bundle
 from export.exporter import ParityTolerance, compare_outputs, dygraph_outputs, export_inference_model, \
     model_bytes, predictor_outputs
-from export.backends import backend_names, get_backend
-from export.backends.openvino_runtime import ir_bytes, ir_weights
-from export.predictor import PRECISIONS, detect_capabilities, find_model_files, resolve_backend
+from export.backends import ExportFolder, backend_names, get_backend
+from export.predictor import PRECISIONS, resolve_backend
 
 logger = logging.getLogger(__name__)
 
 FP32_DIR, BASELINE_DIR, INT8_DIR = "fp32", "baseline_fp32", "int8"
-QUANT_INT8_DIR, QUANT_ONNX_DIR = "int8", "int8_onnx"  # compress.stages.quant writes these
-OPENVINO_INT8_FILE = "model_int8_openvino.xml"
 PARITY_FILE = "parity.json"
 WEIGHTS_FILE = "model.pdparams"
 # paddle2onnx 1.3.1 converts for opsets 7..16
@@ -149,9 +147,8 @@ class ExportStage(Stage):
         ranges = plan_dynamic_shapes(ctx.model_cfg.task, ctx.model_cfg.Input)
         lines = [f"  folders: {', '.join(folders)}", f"  backends: {', '.join(cfg.backends)}",
                  f"  parity on {cfg.parity_samples} eval samples per backend"]
-        if "paddle_trt" in cfg.backends:
-            lines += [f"  TensorRT range {name}: min {list(r[0])} opt {list(r[1])} max {list(r[2])}"
-                      for name, r in ranges.items()]
+        for backend in cfg.backends:
+            lines += get_backend(backend).dry_run_lines(ranges)
         return "\n".join(lines)
 
 
@@ -171,23 +168,6 @@ def _baseline_model(ctx):
     load_weights(model, os.path.join(ctx.stage_dir("baseline"), WEIGHTS_FILE), f"baseline of '{ctx.model_name}'")
     model.eval()
     return model, ""
-
-
-def _quant_onnx_int8(quant_dir, quant_metadata):
-    """The quant stage's ONNX Runtime INT8 file, from its metadata (``dir`` + ``files.int8``), else by name."""
-    path = _quant_file(quant_dir, quant_metadata, "onnxruntime", QUANT_ONNX_DIR)
-    if path:
-        return path
-    found = sorted(glob.glob(os.path.join(quant_dir, QUANT_ONNX_DIR, "*int8*.onnx")))
-    return found[0] if found else None
-
-
-def _quant_file(quant_dir, quant_metadata, backend, default_dir):
-    """The INT8 model file the quant stage recorded for ``backend`` (``dir`` + ``files.int8``), or None."""
-    record = (quant_metadata.get("backends") or {}).get(backend) or {}
-    name = (record.get("files") or {}).get("int8")
-    path = os.path.join(quant_dir, record.get("dir", default_dir), name) if name else None
-    return path if path and os.path.isfile(path) else None
 
 
 def _own_int8_model(backend, folder, available):
@@ -215,111 +195,66 @@ class _ExportJob:
     # -------------------------------------------------------------------------------------------- float
 
     def export_float(self, model, folder, inputs, reference):
-        out = os.path.join(self.ctx.out_dir, folder)
-        files = export_inference_model(model, out, self.ctx.model_cfg.Input, self.task)
+        dest = self._folder(folder, files={"paddle": True})
+        files = export_inference_model(model, dest.path, self.ctx.model_cfg.Input, self.task)
         self.metrics[f"{folder}/paddle_bytes"] = model_bytes(files)
-        onnx_file = self._onnx(out, folder)
+        self._add_models(dest, {})
         precisions = ["fp32"] + (["fp16"] if "fp16" in self.cfg.precisions else [])
         deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, precision, self.cfg.settings())
-                   for precision in precisions for backend in self._backends(onnx_file)
-                   if precision != "fp16" or get_backend(backend).gpu]
-        self._write_bundle(out, "fp32", deploys, onnx_file)
-        self._check(folder, out, {"paddle": True, "onnx": onnx_file}, deploys, inputs, reference)
+                   for precision in precisions for backend in self.cfg.backends
+                   if get_backend(backend).model_path(dest.path, dest.files)
+                   and (precision != "fp16" or get_backend(backend).gpu)]
+        self._write_bundle(dest, "fp32", deploys)
+        self._check(folder, dest.path, dest.files, deploys, inputs, reference)
 
     # -------------------------------------------------------------------------------------------- int8
 
     def export_int8(self, quant_dir, quant_metadata, inputs, reference):
-        """Copy the quant stage's INT8 models (those that passed its gate) and check them.
+        """Bring the quant stage's INT8 models (those that passed its gate) into ``int8/`` and check them.
 
-        ``int8/`` holds the Paddle QDQ model (Paddle backends), ``model.onnx`` (ONNX Runtime) and an OpenVINO IR,
-        each only when the quant stage made it and it passed there; a backend runs only its own INT8 file.
+        Every backend brings its own (``Backend.int8_source``, ``export_model``): the Paddle QDQ model (Paddle
+        backends), ``model.onnx`` (ONNX Runtime), an OpenVINO IR, each only when the quant stage made it and it
+        passed there; a backend runs only its own INT8 file.
         """
-        # no record: a checkpoint written before the gate was per backend, when every INT8 model passed it
-        passed = set(quant_metadata.get("passed_backends", backend_names()))
-        made = quant_metadata.get("backends", {})
-        source = os.path.join(quant_dir, QUANT_INT8_DIR)
-        paddle_int8 = "paddle_cpu" in passed and os.path.isdir(source)
-        ort_int8 = _quant_onnx_int8(quant_dir, quant_metadata) if "onnxruntime" in self.cfg.backends else None
-        ov_int8 = _quant_file(quant_dir, quant_metadata, "openvino", get_backend("openvino").int8_dir) \
-            if "openvino" in self.cfg.backends and "openvino" in passed else None
-        if not paddle_int8 and not (ort_int8 and "onnxruntime" in passed) and not ov_int8:
+        dest = self._folder(INT8_DIR, quant_dir=quant_dir, quant_metadata=quant_metadata)
+        sources = {name: get_backend(name).int8_source(dest) for name in backend_names()}
+        sources = {name: source for name, source in sources.items() if source}
+        if not sources:
             self.notes.append(f"{INT8_DIR} skipped: the quant stage has no INT8 model that passed its gate")
             return
-        out = os.path.join(self.ctx.out_dir, INT8_DIR)
-        os.makedirs(out)
-        if paddle_int8:
-            files = _copy_model(source, out)
-            self.metrics[f"{INT8_DIR}/paddle_bytes"] = model_bytes(files)
-        onnx_file = None
-        if "onnxruntime" in self.cfg.backends:
-            if ort_int8 and "onnxruntime" in passed:
-                shutil.copyfile(ort_int8, os.path.join(out, ONNX_FILE))
-                onnx_file = ONNX_FILE
-                self.metrics[f"{INT8_DIR}/onnx_bytes"] = os.path.getsize(os.path.join(out, ONNX_FILE))
-            elif "onnxruntime" in made:
-                self.notes.append(f"{INT8_DIR}/onnxruntime skipped: the quant stage's ONNX Runtime INT8 model "
-                                  "did not pass its gate")
-            elif paddle_int8:  # the quant stage made no ONNX INT8 model: convert the Paddle QDQ model
-                onnx_file = self._onnx(out, INT8_DIR)
-        openvino_file = None
-        if ov_int8:
-            openvino_file = OPENVINO_INT8_FILE
-            for src, dst in ((ov_int8, openvino_file), (ir_weights(ov_int8), ir_weights(openvino_file))):
-                shutil.copyfile(src, os.path.join(out, dst))
-            self.metrics[f"{INT8_DIR}/openvino_bytes"] = ir_bytes(os.path.join(out, openvino_file))
-        elif "openvino" in made and "openvino" in self.cfg.backends:
-            self.notes.append(f"{INT8_DIR}/openvino skipped: the quant stage's OpenVINO INT8 model did not pass "
-                              "its gate")
-        available = {"paddle": paddle_int8, "onnx": onnx_file, "openvino": openvino_file}
+        os.makedirs(dest.path)
+        self._add_models(dest, sources)
         deploys = [build_deploy_config(self.task, self.ctx.model_cfg.Input, backend, "int8", self.cfg.settings())
-                   for backend in self.cfg.backends if _own_int8_model(get_backend(backend), out, available)]
-        self._write_bundle(out, "int8", deploys, onnx_file, openvino_file)
-        self._check(INT8_DIR, out, available, deploys, inputs, reference)
+                   for backend in self.cfg.backends if _own_int8_model(get_backend(backend), dest.path, dest.files)]
+        self._write_bundle(dest, "int8", deploys)
+        self._check(INT8_DIR, dest.path, dest.files, deploys, inputs, reference)
 
     # -------------------------------------------------------------------------------------------- helpers
 
-    def _backends(self, onnx_file):
-        """The configured backends, without onnxruntime when there is no ONNX model."""
-        return [backend for backend in self.cfg.backends if backend != "onnxruntime" or onnx_file]
+    def _folder(self, name, **values):
+        return ExportFolder(name, os.path.join(self.ctx.out_dir, name), self.cfg, self.ctx.model_cfg,
+                            metrics=self.metrics, notes=self.notes, fail=self._fail,
+                            calibration=lambda: self.ctx.task.input_batches("calibration",
+                                                                            limit=self.cfg.parity_samples),
+                            **values)
 
-    def _onnx(self, out, folder):
-        """Convert the Paddle model in ``out`` to ``out/model.onnx``; a failure is a parity failure."""
-        if "onnxruntime" not in self.cfg.backends:
-            return None
-        from export.onnx_export import export_to_onnx
+    def _add_models(self, dest, sources):
+        """Each backend's model into the folder ``dest``: those with a source first, then the configured ones
+        without one (which may make theirs from what is there then)."""
+        for name in list(sources) + [b for b in self.cfg.backends if b not in sources]:
+            dest.files.update(get_backend(name).export_model(dest, sources.get(name)))
 
-        try:
-            exported = export_to_onnx(out, os.path.join(out, ONNX_FILE), self.cfg.opset)
-        except CompressError as exc:
-            self._fail(f"{folder}/onnxruntime", f"paddle2onnx failed: {exc}")
-            return None
-        self.metrics[f"{folder}/onnx_bytes"] = exported.bytes
-        self.metrics[f"{folder}/onnx_opset"] = exported.opset
-        return ONNX_FILE
-
-    def _write_bundle(self, out, precision, deploys, onnx_file, openvino_file=None):
-        plan = self._shape_plan(out)
-        write_deploy_bundle(out, self.ctx.model_cfg, precision, deploys, onnx_file, plan, openvino_file)
-        if plan is not None and plan.collected:
-            attach_shape_range_file(out)
-
-    def _shape_plan(self, out):
-        if "paddle_trt" not in self.cfg.backends:
-            return None
-        caps = detect_capabilities()
-        if not (caps.cuda and caps.gpu_count):
-            return shape_range_plan(out, self.ctx.model_cfg.source_file)
-        # a GPU build: record the real ranges on calibration images (PaddleOCR's tuned dynamic shape approach)
-        batches = self.ctx.task.input_batches("calibration", limit=self.cfg.parity_samples)
-        collect_shape_range_file(out, batches)
-        return ShapeRangePlan(collected=True, note="collected on the Calibration split")
+    def _write_bundle(self, dest, precision, deploys):
+        write_deploy_bundle(dest.path, self.ctx.model_cfg, precision, deploys, model_files=dest.files)
+        for backend in self.cfg.backends:
+            get_backend(backend).finish_export(dest)
 
     def _check(self, folder, out, model_files, deploys, inputs, reference):
         measured = {}  # (backend really run, precision really run) -> (report, outputs)
         for deploy in deploys:
             key = f"{folder}/{deploy.backend}{'_fp16' if deploy.precision == 'fp16' else ''}"
             actual, reason = resolve_backend(deploy)
-            run_precision = "fp32" if deploy.precision == "fp16" and actual == "paddle_cpu" else deploy.precision
+            run_precision = "fp32" if deploy.precision == "fp16" and not get_backend(actual).gpu else deploy.precision
             if (actual, run_precision) in measured:
                 # the fallback runs exactly the configuration measured already
                 report = dataclasses.replace(measured[actual, run_precision][0], fallback=reason)
@@ -332,15 +267,16 @@ class _ExportJob:
                                          backend=predictor.backend, fallback=predictor.fallback_reason)
                 measured[actual, run_precision] = (report, outputs)
             self._record(key, report)
-        self._onnx_vs_paddle(folder, measured)
+        self._cross_check(folder, measured)
 
-    def _onnx_vs_paddle(self, folder, measured):
-        paddle_run = measured.get(("paddle_cpu", "fp32"))
-        onnx_run = measured.get(("onnxruntime", "fp32"))
-        if paddle_run and onnx_run:
-            report = compare_outputs(paddle_run[1], onnx_run[1], self.task, "fp32", self.tolerance,
-                                     backend="onnxruntime")
-            self._record(f"{folder}/onnxruntime_vs_paddle", report)
+    def _cross_check(self, folder, measured):
+        """Each converted float model against the one it was converted from (``Backend.checked_against``)."""
+        for (name, precision), (_, outputs) in measured.items():
+            source = get_backend(name).checked_against
+            if precision == "fp32" and (source, "fp32") in measured:
+                report = compare_outputs(measured[source, "fp32"][1], outputs, self.task, "fp32", self.tolerance,
+                                         backend=name)
+                self._record(f"{folder}/{name}_vs_{get_backend(source).files_key}", report)
 
     def _record(self, key, report):
         self.reports[key] = report.to_dict()
@@ -389,15 +325,6 @@ class _ExportJob:
                 text += f" agree>={min(agreement):.3f}"
             parts.append(text)
         return ", ".join(parts)
-
-
-def _copy_model(source, dest):
-    files = find_model_files(source)
-    os.makedirs(dest, exist_ok=True)
-    for path in (files.model_file, files.params_file, (files.params_file or "") + ".info"):
-        if path and os.path.isfile(path):
-            shutil.copy2(path, os.path.join(dest, os.path.basename(path)))
-    return find_model_files(dest)
 
 
 def load_parity(stage_dir):

@@ -4,11 +4,12 @@ import compress  # noqa: F401  (imports zlib before paddle, see compress/__init_
 
 import os
 
-from compress.checkpoint import DONE, FAILED, verify_files
+from compress.checkpoint import DONE
 from compress.errors import CheckpointError
 from compress.report import apply_deltas, assign_references, gate_failures, gate_message, new_row, row_key
 
 ROWS_FILE = "rows.json"
+GATE_LIMITS = ("max_metric_drop", "max_fidelity_drop", "max_script_fidelity_drop")
 
 
 def manifest_rows(manifest, model_name, main_metric, until_stage="compare", run=""):
@@ -109,11 +110,17 @@ def gate_summary(rows, cfg, metric_setting="Compare.max_metric_drop"):
     return keys, " | ".join(parts)
 
 
+def gate_limits(cfg):
+    """The gate limits of a :class:`CompareConfig`, as the reports store them for each model."""
+    return {key: getattr(cfg, key) for key in GATE_LIMITS}
+
+
 def run_gate(rows, cfg, metric_setting="Compare.max_metric_drop"):
-    """The gate summary stored in the reports: limits, passed, message, failing row keys."""
+    """The gate summary stored in the reports when every model has the limits of ``cfg``: ``limits`` (model ->
+    :func:`gate_limits`, for the models with gated rows), passed, message, failing row keys."""
     keys, message = gate_summary(rows, cfg, metric_setting)
-    return {"max_metric_drop": cfg.max_metric_drop, "max_fidelity_drop": cfg.max_fidelity_drop,
-            "max_script_fidelity_drop": cfg.max_script_fidelity_drop, "passed": not keys, "message": message,
+    models = dict.fromkeys(r["model"] for r in rows if r["gated"])
+    return {"limits": {model: gate_limits(cfg) for model in models}, "passed": not keys, "message": message,
             "failing": keys}
 
 
@@ -137,14 +144,3 @@ def load_run_config(run_dir):
         raise CheckpointError(f"{run_dir}: no config.yml; pass a run directory written by tools/run.py")
     sections = [key for key in read_yaml(path) if key not in PIPELINE_KEYS]
     return load_config(path, (), stage_sections=sections)
-
-
-def checkpoint_dir(manifest, stage, model_name):
-    """The (sha256-checked) directory of a finished or gate-failed (stage, model), or None when there is none."""
-    entry = manifest.entry(stage, model_name)
-    if entry is None or entry.get("status") not in (DONE, FAILED):
-        return None
-    folder = manifest.abs_dir(entry)
-    verify_files(folder, entry.get("files", {}), f"stage '{stage}', model '{model_name}'")
-    return folder
-

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from compress.compare.e2e import e2e_for
 from compress.compare.measure import MeasureSettings, measure_variants
-from compress.compare.rows import checkpoint_dir, finish_rows, load_run_config, manifest_rows, model_facts_from_manifest
+from compress.compare.rows import finish_rows, load_run_config, manifest_rows, model_facts_from_manifest
 from compress.compare.variants import baseline_folders, discover_variants, drop_unavailable
 from compress.errors import CheckpointError
+from compress.fidelity import baseline_reference
 
 
 @dataclass
@@ -54,7 +55,7 @@ def open_source(path, label=""):
     manifest = Manifest.load(run_dir)
     config = load_run_config(run_dir)
     models = list(manifest.data.get("models") or config.models)
-    export_dirs = {m: checkpoint_dir(manifest, "export", m) for m in models}
+    export_dirs = {m: manifest.checkpoint_dir("export", m) for m in models}
     if inside is None:
         return RunSource(label, manifest, config, models, export_dirs)
     parts = inside.split(os.sep)
@@ -121,18 +122,8 @@ def compare_sources(sources, cfg, reference=0, log=print):
         variants_by_model[model] = (model_cfg, variants)
         rows += measure_variants(model, variants, task, settings, model_cfg.Input.max_batch_size,
                                  lambda v, facts=facts: facts[v.run](v), log,
-                                 reference=run_fidelity_reference(owner, model, model_cfg))
+                                 reference=baseline_reference(owner.manifest, model, model_cfg, required=False))
     if cfg.e2e:
         rows += e2e_for(variants_by_model, cfg, settings, notes, log)
     reference_label = ref.label if len(sources) > 1 else None
     return finish_rows(rows, reference_label), notes
-
-
-def run_fidelity_reference(source, model, model_cfg):
-    """The fidelity reference a run's baseline stage stored for ``model``; None without one (no Fidelity split,
-    or a run made before fidelity was measured)."""
-    from compress.fidelity import REFERENCE_FILE, FidelityReference
-
-    folder = checkpoint_dir(source.manifest, "baseline", model) if model_cfg.Fidelity is not None else None
-    path = os.path.join(folder, REFERENCE_FILE) if folder else None
-    return FidelityReference.load(path) if path and os.path.exists(path) else None

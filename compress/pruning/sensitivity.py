@@ -11,6 +11,7 @@ Losses are ``baseline - metric`` in the metric's own units (e.g. hmean points).
 """
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from compress.checkpoint import atomic_write_bytes, atomic_write_text
 from compress.errors import CheckpointError, ConfigError
 from compress.pruning.compensation import add_deltas, plan_compensation
 from compress.pruning.criteria import bind_criterion, criterion_name
@@ -70,10 +72,7 @@ def pruned_by_zeroing(model, plan, deltas=None):
 
 
 def _write_json_atomically(path, data):
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp_path, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _load_state(state_path, settings):
@@ -306,6 +305,6 @@ def plot_sensitivity(sens, png_path, top_k=5, baseline=None):
     if ranked:
         axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
-    tmp_path = f"{png_path}.tmp.png"
-    figure.savefig(tmp_path)
-    os.replace(tmp_path, png_path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    atomic_write_bytes(png_path, png.getvalue())

@@ -19,14 +19,13 @@ from compress.checkpoint import DONE, atomic_write_json
 from compress.compare.delivery import DELIVERED, choose, summary_line, write_delivered
 from compress.compare.e2e import e2e_for
 from compress.compare.measure import MeasureSettings, measure_variants
-from compress.compare.rows import (ROWS_FILE, checkpoint_dir, finish_rows, gate_summary, manifest_rows,
-                                   model_facts_from_manifest, run_gate)
+from compress.compare.rows import ROWS_FILE, finish_rows, gate_limits, gate_summary, manifest_rows, \
+    model_facts_from_manifest
 from compress.compare.variants import baseline_folders, discover_variants, drop_unavailable
 from compress.errors import ConfigError
-from compress.fidelity import validate_fidelity_limits
+from compress.fidelity import baseline_reference, validate_fidelity_limits
 from compress.report import summary_text, write_reports
 from compress.stages.base import Stage, StageResult, register_stage
-from compress.stages.evaluation import baseline_fidelity_reference
 from export.backends import get_backend
 
 
@@ -114,8 +113,8 @@ class CompareStage(Stage):
             write_delivered(choice, variant, rows, ctx.out_dir, self._card_extras(choice.model, cfgs, ctx, settings))
         delivered = summary_line(choices, rows) if choices else ""
         atomic_write_json(os.path.join(ctx.out_dir, ROWS_FILE), {"rows": rows})
-        gate = run_gate(rows, first)
-        gate.update(passed=not failing, failing=failing, message=" | ".join(messages), delivered=delivered)
+        gate = {"limits": {name: gate_limits(cfgs[name]) for name in ctx.models}, "passed": not failing,
+                "failing": failing, "message": " | ".join(messages), "delivered": delivered}
         write_reports(rows, [ctx.out_dir, ctx.run_dir], self._info(settings), "PP-OCR compression A/B report",
                       self._images(ctx), gate=gate, notes=notes + ([delivered] if delivered else []))
         print(summary_text(rows), flush=True)
@@ -151,7 +150,7 @@ class CompareStage(Stage):
         """Manifest rows of one model, plus its exported models measured now; and those variants."""
         task = ctx.tasks[name]
         rows = manifest_rows(ctx.manifest, name, task.main_metric)
-        export_dir = checkpoint_dir(ctx.manifest, "export", name)
+        export_dir = ctx.manifest.checkpoint_dir("export", name)
         if export_dir is None:
             notes.append(f"{name}: no export checkpoint in this run; rows come from the manifest only")
             return rows, []
@@ -160,7 +159,7 @@ class CompareStage(Stage):
         variants = drop_unavailable(variants, settings.threads, notes)
         rows += measure_variants(name, variants, task, settings, ctx.model_cfgs[name].Input.max_batch_size,
                                  model_facts_from_manifest(ctx.manifest, name),
-                                 reference=baseline_fidelity_reference(ctx.manifest, name, ctx.model_cfgs[name]))
+                                 reference=baseline_reference(ctx.manifest, name, ctx.model_cfgs[name]))
         return rows, variants
 
     def _images(self, ctx):

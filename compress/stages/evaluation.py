@@ -7,8 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
-from compress.errors import CheckpointError
-from compress.fidelity import REFERENCE_FILE, FidelityReference, agreement_of, compute_reference, measure_fidelity
+from compress.fidelity import REFERENCE_FILE, agreement_of, baseline_reference, compute_reference, measure_fidelity
 from compress.measure import count_flops, count_params
 from compress.stages.base import Stage, StageResult, register_stage
 
@@ -25,18 +24,7 @@ def fidelity_reference(ctx):
     Raises:
         CheckpointError: the baseline checkpoint holds no reference (re-run it).
     """
-    return baseline_fidelity_reference(ctx.manifest, ctx.model_name, ctx.model_cfg)
-
-
-def baseline_fidelity_reference(manifest, model_name, model_cfg):
-    """:func:`fidelity_reference` from a run's manifest, for a model and its config."""
-    if model_cfg.Fidelity is None:
-        return None
-    path = os.path.join(manifest.verified_dir("baseline", model_name), REFERENCE_FILE)
-    if not os.path.exists(path):
-        raise CheckpointError(f"model '{model_name}': the baseline checkpoint has no {REFERENCE_FILE}; re-run "
-                              f"it with --rollback-to baseline")
-    return FidelityReference.load(path)
+    return baseline_reference(ctx.manifest, ctx.model_name, ctx.model_cfg)
 
 
 def fidelity_metrics(ctx, predict, desc=None):

@@ -2,11 +2,13 @@
 
 A backend is one class in one module of this package (NNCF's per-backend algorithm classes are the model): it says
 whether it can run on this machine and why not, which model formats it reads, how to build a predictor from a
-:class:`export.predictor.DeployConfig`, where its model sits in an exported folder, and how to make an INT8 model
-for it. Nothing outside its module spells its name except the configs; a new backend is a new module that
-registers itself with :func:`register_backend` (tests do that from test code alone).
+:class:`export.predictor.DeployConfig`, its own deploy settings, where its model sits in an exported folder, how
+the export stage puts that model there, and how to make an INT8 model for it. Nothing outside its module spells its
+name except the configs; a new backend is a new module that registers itself with :func:`register_backend` (tests
+do that from test code alone).
 """
 import dataclasses
+import os
 from typing import Callable, Optional
 
 from compress.errors import ConfigError, InputError
@@ -104,6 +106,54 @@ class PtqJob:
     options: object
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportFolder:
+    """One folder the export stage writes (``fp32/``, ``baseline_fp32/``, ``int8/``), as the backends see it.
+
+    Attributes:
+        name: the folder's name; the metric, note and failure keys of what a backend adds start with it.
+        path: the folder, holding the Paddle model (float folders) or what the backends put there so far (``int8/``).
+        options: the ``Export`` section (backends, opset, parity_samples, ...: export.stage.ExportConfig).
+        model_cfg: the model's config.
+        files: the folder's ``Model.files`` so far (:data:`FILES_KEYS` value -> file name; ``paddle`` is True in the
+            float folders, whose Paddle model the stage exports itself).
+        metrics / notes: the export's metrics and notes, to add to.
+        fail: ``fail(key, detail)`` fails the stage's gate (e.g. for a conversion that failed).
+        calibration: ``calibration() -> iterable of input batches`` from the Calibration split.
+        quant_dir: the quant stage's checkpoint folder (``int8/`` only).
+        quant_metadata: its metadata: ``backends`` (name -> quant record: ``dir``, ``files``) and
+            ``passed_backends`` (those whose INT8 model passed its gate).
+    """
+
+    name: str
+    path: str
+    options: object
+    model_cfg: object = None
+    files: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+    fail: Optional[Callable] = None
+    calibration: Optional[Callable] = None
+    quant_dir: Optional[str] = None
+    quant_metadata: dict = dataclasses.field(default_factory=dict)
+
+    def quant_made(self, name):
+        """Did the quant stage make an INT8 model for backend ``name``?"""
+        return name in (self.quant_metadata.get("backends") or {})
+
+    def quant_passed(self, name):
+        """Did backend ``name``'s INT8 model pass the quant stage's gate? (A checkpoint written before the gate was
+        per backend has no record: every INT8 model passed it then.)"""
+        return name in self.quant_metadata.get("passed_backends", backend_names())
+
+    def quant_file(self, name, default_dir):
+        """The INT8 model file the quant stage recorded for backend ``name`` (``dir`` + ``files.int8``), or None."""
+        record = (self.quant_metadata.get("backends") or {}).get(name) or {}
+        file_name = (record.get("files") or {}).get("int8")
+        path = os.path.join(self.quant_dir, record.get("dir", default_dir), file_name) if file_name else None
+        return path if path and os.path.isfile(path) else None
+
+
 class Backend:
     """One inference backend.
 
@@ -116,6 +166,8 @@ class Backend:
         int8_format: the format of the INT8 model it runs (None: ``formats[0]``); an exported ``int8/`` folder gets
             this backend's deploy config only when it holds a model of that format, so no backend is handed another
             runtime's INT8 file.
+        checked_against: a backend whose float outputs the export also compares this one's with (its model is
+            converted from that backend's), or None.
         summary: one line for ``--help`` texts and the report.
     """
 
@@ -125,12 +177,18 @@ class Backend:
     fallback = None
     int8_dir = None
     int8_format = None
+    checked_against = None
     summary = ""
+
+    @property
+    def files_key(self):
+        """The ``Model.files`` key (see :data:`FILES_KEYS`) of the format this backend reads first."""
+        return FILES_KEYS[self.formats[0]]
 
     @property
     def int8_files_key(self):
         """The ``Model.files`` key (see :data:`FILES_KEYS`) of the INT8 model this backend runs."""
-        return FILES_KEYS[self.int8_format or self.formats[0]]
+        return FILES_KEYS[self.int8_format] if self.int8_format else self.files_key
 
     def unavailable(self, capabilities) -> Optional[str]:
         """Why this backend cannot run here (None: it can)."""
@@ -146,6 +204,36 @@ class Backend:
         """What ``create_predictor`` loads for this backend in an exported folder whose ``deploy.yml`` lists
         ``model_files`` (its ``Model.files``: format -> file name), or None when the folder has nothing it reads."""
         return folder if model_files.get("paddle") else None
+
+    def deploy_settings(self, deploy, task, input_cfg, settings):
+        """``deploy`` (a :class:`export.predictor.DeployConfig` with the shared settings) with this backend's own
+        settings for a model of ``task`` with the ``Input`` section ``input_cfg``, checked; ``settings`` is the
+        export's :class:`export.deploy.DeploySettings`."""
+        return deploy
+
+    def dry_run_lines(self, ranges):
+        """What ``--dry-run`` prints about this backend's deploy configs, given the export's dynamic input ranges
+        (``{input name: (min, opt, max)}``)."""
+        return []
+
+    def int8_source(self, folder: ExportFolder) -> Optional[str]:
+        """The INT8 model (a file or folder in ``folder.quant_dir``) the quant stage made for this backend that the
+        export brings into ``int8/``, or None (none made, or it failed the quant stage's gate)."""
+        return None
+
+    def export_model(self, folder: ExportFolder, source=None) -> dict:
+        """Put the model this backend runs into an export folder; returns its ``Model.files`` entries.
+
+        In ``int8/`` it is called first for every backend with an :meth:`int8_source` (copy it in), then for the
+        configured backends without one; in the float folders for every configured backend, with no source. Without
+        a source a backend may make its model from those already in the folder (``folder.files``) or note why it
+        has none.
+        """
+        return {}
+
+    def finish_export(self, folder: ExportFolder):
+        """The last step on an export folder of a configured backend, after its deploy configs and ``deploy.yml``
+        are written."""
 
     def ptq(self, job: PtqJob) -> dict:
         """Post-training INT8 for this backend; returns the quant record (see :class:`PtqJob`): ``float_metric``,

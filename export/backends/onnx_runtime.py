@@ -3,12 +3,18 @@
 Its worker threads do not spin after a call (``session.intra_op.allow_spinning`` off): a spinning pool keeps a core
 busy for milliseconds after ``run`` returns and slows whatever runs next (a Paddle predictor measured right after
 ONNX Runtime calls took 66 ms instead of 29 ms). INT8: ONNX Runtime ``quantize_static`` on the dense convs and
-matmuls (7-bit weights on CPUs without VNNI, see :mod:`compress.quant.onnx_int8`).
+matmuls (7-bit weights on CPUs without VNNI, see :mod:`compress.quant.onnx_int8`). The export converts each float
+Paddle model to ``model.onnx`` (paddle2onnx) and checks it against the Paddle model; its ``int8/`` folder gets the
+quant stage's INT8 ONNX model, or a conversion of the Paddle QDQ model when the quant stage made none.
 """
+import glob
 import os
+import shutil
 
 import numpy as np
 
+from compress.checkpoint import atomic_write_bytes
+from compress.errors import CompressError
 from export.backends.base import INT8_RUNTIME_KEY, Backend, register_backend
 
 ONNX_INT8_DIR = "int8_onnx"
@@ -19,6 +25,7 @@ class OnnxRuntime(Backend):
     name = "onnxruntime"
     formats = ("onnx",)
     int8_dir = ONNX_INT8_DIR
+    checked_against = "paddle_cpu"
     summary = "ONNX Runtime, CPU execution provider"
 
     def create(self, files, deploy):
@@ -77,6 +84,48 @@ class OnnxRuntime(Backend):
                                                  "int8": os.path.basename(int8_onnx)},
                 "float_model": float_onnx, "int8_model": int8_onnx}
 
+    def int8_source(self, folder):
+        if self.name not in folder.options.backends or not folder.quant_passed(self.name):
+            return None
+        return quant_onnx_int8(folder)
+
+    def export_model(self, folder, source=None):
+        """The quant stage's INT8 model as ``model.onnx``; without it, paddle2onnx of the folder's Paddle model
+        (float, or the QDQ model when the quant stage made no ONNX INT8 model)."""
+        from export.deploy import ONNX_FILE
+
+        path = os.path.join(folder.path, ONNX_FILE)
+        if source is not None:
+            shutil.copyfile(source, path)
+            folder.metrics[f"{folder.name}/onnx_bytes"] = os.path.getsize(path)
+            return {self.files_key: ONNX_FILE}
+        if folder.quant_made(self.name):
+            folder.notes.append(f"{folder.name}/{self.name} skipped: the quant stage's ONNX Runtime INT8 model did not "
+                                "pass its gate")
+            return {}
+        if not folder.files.get("paddle"):
+            return {}
+        from export.onnx_export import export_to_onnx
+
+        try:
+            exported = export_to_onnx(folder.path, path, folder.options.opset)
+        except CompressError as exc:
+            folder.fail(f"{folder.name}/{self.name}", f"paddle2onnx failed: {exc}")
+            return {}
+        folder.metrics[f"{folder.name}/onnx_bytes"] = exported.bytes
+        folder.metrics[f"{folder.name}/onnx_opset"] = exported.opset
+        return {self.files_key: ONNX_FILE}
+
+
+def quant_onnx_int8(folder):
+    """The quant stage's ONNX Runtime INT8 file for an :class:`export.backends.base.ExportFolder`, from its metadata
+    (``dir`` + ``files.int8``), else by name."""
+    path = folder.quant_file(OnnxRuntime.name, ONNX_INT8_DIR)
+    if path:
+        return path
+    found = sorted(glob.glob(os.path.join(folder.quant_dir, ONNX_INT8_DIR, "*int8*.onnx")))
+    return found[0] if found else None
+
 
 def mark_int8_runtime(onnx_path, runtime):
     """Name ``runtime`` in the INT8 ONNX file's metadata (``export.predictor.INT8_RUNTIME_KEY``): its QDQ graph was
@@ -89,6 +138,4 @@ def mark_int8_runtime(onnx_path, runtime):
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=INT8_RUNTIME_KEY, value=runtime)
-    tmp = f"{onnx_path}.tmp"
-    onnx.save(model, tmp)
-    os.replace(tmp, onnx_path)
+    atomic_write_bytes(onnx_path, model.SerializeToString())

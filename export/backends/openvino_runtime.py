@@ -8,12 +8,14 @@ float: the CPU plugin ran all 14 of PP-OCRv4's in f32 even when NNCF had quantiz
 so their quantizers only added rounding. Measured on the demo Eval split (Xeon with VNNI and AMX, 2 threads): rec
 accuracy 0.870 float, 0.830 INT8 with the depthwise convs quantized, 0.857 without (ONNX Runtime's recipe: 0.857);
 det hmean 0.971 float, 0.976 and 0.980; det at 960x960 38.9 ms and 33.4 ms (float 71.9 ms). On CPUs without VNNI,
-NNCF's overflow fix (half-range weights of the first convolution) stays on.
+NNCF's overflow fix (half-range weights of the first convolution) stays on. The export copies the INT8 IR into its
+``int8/`` folder as ``model_int8_openvino.xml``; float folders are run from the Paddle program or ``model.onnx``.
 """
 import functools
 import importlib.util
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -24,6 +26,7 @@ from export.backends.base import Backend, register_backend
 OPENVINO_INT8_DIR = "int8_openvino"
 FLOAT_IR = "model_fp32.xml"
 INT8_IR = "model_int8.xml"
+EXPORTED_INT8_IR = "model_int8_openvino.xml"  # the IR's name in the export's int8/ folder
 DEVICE = "CPU"
 # op types NNCF leaves float (see the module docstring): OpenVINO's name for depthwise convolutions
 FLOAT_OP_TYPES = ("GroupConvolution",)
@@ -100,6 +103,22 @@ class OpenVino(Backend):
         if model_files.get("onnx"):
             return os.path.join(folder, model_files["onnx"])
         return None
+
+    def int8_source(self, folder):
+        if self.name not in folder.options.backends or not folder.quant_passed(self.name):
+            return None
+        return folder.quant_file(self.name, self.int8_dir)
+
+    def export_model(self, folder, source=None):
+        if source is None:
+            if folder.quant_made(self.name):
+                folder.notes.append(f"{folder.name}/{self.name} skipped: the quant stage's OpenVINO INT8 model did "
+                                    "not pass its gate")
+            return {}
+        for src, dst in ((source, EXPORTED_INT8_IR), (ir_weights(source), ir_weights(EXPORTED_INT8_IR))):
+            shutil.copyfile(src, os.path.join(folder.path, dst))
+        folder.metrics[f"{folder.name}/openvino_bytes"] = ir_bytes(os.path.join(folder.path, EXPORTED_INT8_IR))
+        return {self.int8_files_key: EXPORTED_INT8_IR}
 
     def ptq(self, job):
         if importlib.util.find_spec("nncf") is None:

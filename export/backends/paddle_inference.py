@@ -4,21 +4,26 @@ A GPU or TensorRT config on a machine that cannot run it falls back (TensorRT ->
 capabilities come from the Paddle build (``is_compiled_with_cuda``, the visible GPUs, ``get_trt_compile_version``),
 never from exceptions. INT8 for Paddle: PaddleSlim ``quant_post_static`` (QDQ ops, int8 weights and scales inside
 the model, usable by TensorRT with ``use_calib_mode=False``), run by oneDNN INT8 on the convolutions, with the layers
-whose quantization hurts most kept float when the model misses ``Quant.max_metric_drop``.
+whose quantization hurts most kept float when the model misses ``Quant.max_metric_drop``. The export copies that
+model into its ``int8/`` folder; every Paddle backend runs it there. TensorRT deploy configs carry the input's dynamic
+shape ranges, and the export records a tuned shape-range plan next to them (collected on a GPU host).
 """
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
+import dataclasses
 import os
 import shutil
 
 import numpy as np
 
 from compress import threads as math_threads
+from compress.errors import InputError
 from compress.measure import dir_size
 from export.backends.base import Backend, register_backend
 
 PADDLE_INT8_DIR = "int8"
 PADDLE_FORMATS = ("pdmodel", "json")
+SHAPE_RANGE_FILE = "shape_range_info.pbtxt"
 
 
 class _PaddleBackend(Backend):
@@ -95,6 +100,21 @@ class PaddleCpu(_PaddleBackend):
             result["qdq_float_ops_metric"] = job.evaluate(out_dir, self.name, "fp32", mkldnn=False)[main]
         return result
 
+    def int8_source(self, folder):
+        """The quant stage's Paddle QDQ model when it passed there, whether paddle_cpu is configured or not: the other
+        Paddle backends run it and ONNX Runtime may convert it."""
+        source = os.path.join(folder.quant_dir, PADDLE_INT8_DIR)
+        return source if folder.quant_passed(self.name) and os.path.isdir(source) else None
+
+    def export_model(self, folder, source=None):
+        if source is None:
+            return {}
+        from export.exporter import model_bytes
+
+        files = copy_model(source, folder.path)
+        folder.metrics[f"{folder.name}/paddle_bytes"] = model_bytes(files)
+        return {self.files_key: os.path.basename(files.model_file)}
+
 
 @register_backend
 class PaddleGpu(_PaddleBackend):
@@ -122,6 +142,37 @@ class PaddleTrt(PaddleGpu):
         if reason is None and not capabilities.tensorrt:
             return "this Paddle build has no TensorRT (get_trt_compile_version() == (0, 0, 0))"
         return reason
+
+    def deploy_settings(self, deploy, task, input_cfg, settings):
+        """TensorRT's engine settings and the dynamic shapes of the model input, checked against ``input_cfg``."""
+        from export.deploy import plan_dynamic_shapes, validate_trt_settings
+        from export.predictor import TrtConfig
+
+        trt = TrtConfig(workspace_size=settings.trt_workspace_mb << 20, max_batch_size=input_cfg.max_batch_size,
+                        min_subgraph_size=settings.trt_min_subgraph_size, use_static=settings.trt_use_static,
+                        cache_dir=None, use_calib_mode=False,  # quantised models carry their scales
+                        dynamic_shapes=plan_dynamic_shapes(task, input_cfg))
+        deploy = dataclasses.replace(deploy, trt=trt)
+        validate_trt_settings(deploy, input_cfg)
+        return deploy
+
+    def dry_run_lines(self, ranges):
+        return [f"  TensorRT range {name}: min {list(r[0])} opt {list(r[1])} max {list(r[2])}"
+                for name, r in ranges.items()]
+
+    def finish_export(self, folder):
+        """The tuned shape-range plan in ``deploy.yml``: on a GPU build the real ranges collected on calibration
+        images and set in the TensorRT configs (PaddleOCR's tuned dynamic shape approach), else how to collect
+        them."""
+        from export.deploy import attach_shape_range_file, record_shape_range_plan, shape_range_plan
+        from export.predictor import detect_capabilities
+
+        caps = detect_capabilities()
+        if not (caps.cuda and caps.gpu_count):
+            record_shape_range_plan(folder.path, shape_range_plan(folder.path, folder.model_cfg.source_file))
+            return
+        collect_shape_range_file(folder.path, folder.calibration())
+        attach_shape_range_file(folder.path, self.name)
 
 
 def paddle_config(files, deploy, backend):
@@ -165,6 +216,66 @@ def _enable_tensorrt(config, trt, precision, files):
         config.set_trt_dynamic_shape_info({n: s[0] for n, s in shapes.items()},
                                           {n: s[2] for n, s in shapes.items()},
                                           {n: s[1] for n, s in shapes.items()})
+
+
+def collect_shape_range_file(model_dir, batches, path=None, allow_cpu=False):
+    """Run ``batches`` through the model with ``Config.collect_shape_range_info`` and write the ranges.
+
+    The ranges are recorded on the GPU graph (needs a CUDA build and a visible GPU). ``allow_cpu`` records them
+    on the CPU graph instead, which only tests the mechanics: its tensor names do not match TensorRT's graph.
+
+    Args:
+        model_dir: exported Paddle model folder.
+        batches: iterable of NCHW float32 arrays (calibration images, preprocessed as in deploy.yml).
+        path: output file (default ``<model_dir>/shape_range_info.pbtxt``).
+        allow_cpu: see above.
+
+    Returns:
+        the written path.
+
+    Raises:
+        InputError: without a usable GPU (unless ``allow_cpu``), or when no batch was given.
+    """
+    import paddle.inference as paddle_infer
+
+    from export.predictor import DeployConfig, detect_capabilities, find_model_files
+
+    caps = detect_capabilities()
+    if not (caps.cuda and caps.gpu_count) and not allow_cpu:
+        raise InputError("collecting TensorRT shape ranges needs paddlepaddle-gpu and a visible GPU; this build "
+                         f"has cuda={caps.cuda}, gpus={caps.gpu_count}")
+    backend = PaddleGpu.name if caps.cuda and caps.gpu_count else PaddleCpu.name
+    path = path or os.path.join(model_dir, SHAPE_RANGE_FILE)
+    files = find_model_files(model_dir)
+    # the backend's own config; only the collection switch is added here
+    config = paddle_config(files, DeployConfig(backend=backend, mkldnn=False), backend)
+    config.collect_shape_range_info(path)
+    predictor = paddle_infer.create_predictor(config)
+    count = 0
+    for batch in batches:
+        for name in predictor.get_input_names():
+            handle = predictor.get_input_handle(name)
+            handle.reshape(batch.shape)
+            handle.copy_from_cpu(np.ascontiguousarray(batch, dtype="float32"))
+        predictor.run()
+        count += 1
+    if not count:
+        raise InputError("no calibration batch to collect shape ranges from")
+    del predictor  # the file is written when the predictor is destroyed
+    return path
+
+
+def copy_model(source, dest):
+    """Copy the Paddle inference model in ``source`` (program, parameters and their ``.info``) into ``dest``;
+    returns the copy's :class:`export.backends.base.ModelFiles`."""
+    from export.predictor import find_model_files
+
+    files = find_model_files(source)
+    os.makedirs(dest, exist_ok=True)
+    for path in (files.model_file, files.params_file, (files.params_file or "") + ".info"):
+        if path and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dest, os.path.basename(path)))
+    return find_model_files(dest)
 
 
 def fan_in_order(model_dir, op_types):

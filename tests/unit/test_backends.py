@@ -1,5 +1,9 @@
 """Backends as plug-ins: a backend registered from test code alone runs through the predictor, the deploy bundle,
-the export config and the A/B variant discovery; fallbacks follow the chain; INT8 needs a recipe."""
+the export config, the export stage (its own INT8 model and export hooks) and the A/B variant discovery; fallbacks
+follow the chain; INT8 needs a recipe."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -9,10 +13,11 @@ from compress.compare.variants import discover_variants
 from compress.stages.compare import CompareConfig
 from compress.stages.quant import QuantConfig
 from export.backends import BACKENDS, Backend, get_backend, register_backend
+from export.backends.paddle_inference import copy_model
 from export.deploy import build_deploy_config, read_deploy_bundle, write_deploy_bundle
 from export.predictor import DeployConfig, create_predictor, resolve_backend
-from export.stage import ExportConfig
-from tests.unit.test_export import TINY_INPUT, tiny_det, tiny_model_cfg
+from export.stage import ExportConfig, ExportStage
+from tests.unit.test_export import TINY_INPUT, fake_ctx, tiny_det, tiny_model_cfg
 
 
 class Doubling(Backend):
@@ -38,6 +43,36 @@ class Unavailable(Doubling):
 
     def unavailable(self, capabilities):
         return "the test says so"
+
+
+class WithInt8(Backend):
+    """A backend with its own INT8 model (a Paddle model the quant stage left in ``int8_plugin/``), run by paddle_cpu;
+    it records every export hook called."""
+
+    name = "test_int8"
+    formats = ("pdmodel",)
+    int8_dir = "int8_plugin"
+    summary = "test backend with an INT8 model"
+    hooks = []
+
+    def create(self, files, deploy):
+        return get_backend("paddle_cpu").create(files, deploy)
+
+    def dry_run_lines(self, ranges):
+        return [f"  {self.name}: inputs {sorted(ranges)}"]
+
+    def int8_source(self, folder):
+        source = os.path.join(folder.quant_dir, self.int8_dir)
+        return source if folder.quant_passed(self.name) and os.path.isdir(source) else None
+
+    def export_model(self, folder, source=None):
+        WithInt8.hooks.append((folder.name, "export_model", source))
+        if source is None:
+            return {}
+        return {self.files_key: os.path.basename(copy_model(source, folder.path).model_file)}
+
+    def finish_export(self, folder):
+        WithInt8.hooks.append((folder.name, "finish_export", os.path.isfile(os.path.join(folder.path, "deploy.yml"))))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,6 +153,28 @@ def test_a_deploy_bundle_and_the_ab_discovery_find_the_plugin(exported, tmp_path
         bundle.model_path("onnxruntime")
     variants = discover_variants(str(tmp_path / "export"), backends=("test_doubling",), task="det")
     assert [(v.name, v.backend, v.precision) for v in variants] == [("fp32", "test_doubling", "fp32")]
+
+
+def test_a_registered_backend_brings_its_int8_model_through_the_export(exported, tmp_path):
+    metadata = {"backends": {"test_int8": {"dir": "int8_plugin"}}, "passed_backends": ["test_int8"]}
+    ctx = fake_ctx(tmp_path, {"quant": {"status": "done", "files": {}, "metadata": metadata}})
+    source = os.path.join(ctx.stage_dir("quant"), "int8_plugin")
+    shutil.copytree(exported, source)
+    register_backend(WithInt8)
+    try:
+        cfg = parse_section(ExportConfig, {"backends": ["test_int8"], "parity_samples": 1, "export_baseline": False},
+                            "Export")
+        assert "  test_int8: inputs ['x']" in ExportStage().dry_run(tiny_det(), cfg, ctx).splitlines()
+        result = ExportStage().run(tiny_det(), cfg, ctx)
+        assert result.passed, result.message
+        assert WithInt8.hooks == [("fp32", "export_model", None), ("fp32", "finish_export", True),
+                                  ("int8", "export_model", source), ("int8", "finish_export", True)]
+        bundle = read_deploy_bundle(os.path.join(ctx.out_dir, "int8"))
+        assert bundle.backends() == ["test_int8"] and bundle.deploy("test_int8").precision == "int8"
+        assert bundle.data["Model"]["files"]["paddle"] == "inference.pdmodel"
+        assert result.metrics["int8/test_int8/binary_map_agreement"] == pytest.approx(1.0)
+    finally:
+        BACKENDS.unregister("test_int8")
 
 
 def test_an_int8_onnx_made_for_one_runtime_is_refused_by_the_others(exported, tmp_path):

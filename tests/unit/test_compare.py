@@ -1,4 +1,5 @@
 """compare stage and reports: rows and deltas, the gate both ways, self-contained HTML, timing percentiles."""
+import html
 import json
 import os
 import re
@@ -186,9 +187,21 @@ def test_one_run_level_call_measures_every_model_with_its_own_limits(tmp_path, e
     assert {r["model"] for r in rows} == {"a", "b"}
     assert "## a" in (tmp_path / "run" / "report.md").read_text()
     assert not result.passed and result.message.startswith("b fp32 on paddle_cpu: hmean")
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["gate"]["failing"] == [
-        "b/export/fp32@paddle_cpu"]
+    gate = json.loads((tmp_path / "run" / "report.json").read_text())["gate"]
+    assert gate["failing"] == ["b/export/fp32@paddle_cpu"]
+    assert {m: limits["max_metric_drop"] for m, limits in gate["limits"].items()} == {"a": 100.0, "b": 1.0}
     assert CompareStage.scope == "run"
+
+
+def test_the_gate_box_quotes_each_models_own_limits():
+    limits = {"det": {"max_metric_drop": 2.0, "max_fidelity_drop": None, "max_script_fidelity_drop": None},
+              "rec": {"max_metric_drop": 0.5, "max_fidelity_drop": 3.0, "max_script_fidelity_drop": None}}
+    page = report.render_html([], {}, gate={"passed": True, "message": "", "limits": limits})
+    assert "Gate passed:</b> " + html.escape(
+        "every gated row is within its model's limits: det 2 pt of its baseline's metric; rec 0.5 pt of its "
+        "baseline's metric, 3 pt of fidelity to the baseline") + "</div>" in page
+    off = {m: dict.fromkeys(own) for m, own in limits.items()}
+    assert "Gate off:" in report.render_html([], {}, gate={"passed": True, "message": "", "limits": off})
 
 
 def test_config_is_strict():

@@ -301,16 +301,21 @@ def test_stage_exports_head_baseline_and_int8(exported, tmp_path):
 
 
 def test_quant_onnx_int8_is_found_from_metadata_or_name(tmp_path):
-    from export.stage import _quant_onnx_int8
+    from export.backends import ExportFolder
+    from export.backends.onnx_runtime import quant_onnx_int8
+
+    def found(metadata):
+        return quant_onnx_int8(ExportFolder("int8", str(tmp_path / "out"), None, quant_dir=str(tmp_path),
+                                            quant_metadata=metadata))
 
     (tmp_path / "int8_onnx").mkdir()
-    assert _quant_onnx_int8(str(tmp_path), {}) is None
+    assert found({}) is None
     (tmp_path / "int8_onnx" / "model_fp32.onnx").write_bytes(b"f")
     (tmp_path / "int8_onnx" / "model_int8.onnx").write_bytes(b"q")
     (tmp_path / "int8_onnx" / "custom.onnx").write_bytes(b"c")
-    assert _quant_onnx_int8(str(tmp_path), {}).endswith("model_int8.onnx")
-    metadata = {"backends": {"onnxruntime": {"dir": "int8_onnx", "files": {"int8": "custom.onnx"}}}}
-    assert _quant_onnx_int8(str(tmp_path), metadata).endswith("custom.onnx")
+    assert found({}).endswith("model_int8.onnx")
+    assert found({"backends": {"onnxruntime": {"dir": "int8_onnx", "files": {"int8": "custom.onnx"}}}}).endswith(
+        "custom.onnx")
 
 
 def test_stage_gate_fails_when_parity_is_out_of_tolerance(tmp_path):

@@ -1,12 +1,14 @@
 """Fidelity to the baseline: agreement measures, per-script grouping, the reference file and the gates."""
 import json
+import types
 
 import pytest
 
+from compress.checkpoint import Manifest
 from compress.errors import CheckpointError, InputError
 from compress.data.labels import list_images
-from compress.fidelity import (FidelityReference, det_agreement, fidelity_drops, fidelity_gate,
-                               normalized_similarity, rec_agreement, script_of, strip_label_ops)
+from compress.fidelity import (REFERENCE_FILE, FidelityReference, baseline_reference, det_agreement, fidelity_drops,
+                               fidelity_gate, normalized_similarity, rec_agreement, script_of, strip_label_ops)
 from compress.report import new_row
 from compress.compare.rows import fidelity_failures, gate_summary
 from compress.stages.compare import CompareConfig
@@ -108,6 +110,24 @@ def test_reference_round_trip_and_bad_files(tmp_path):
     path.write_text("{")
     with pytest.raises(CheckpointError, match="unreadable"):
         FidelityReference.load(str(path))
+
+
+def test_the_baseline_reference_is_required_inside_a_run_and_optional_when_comparing_runs(tmp_path):
+    manifest = Manifest(str(tmp_path))
+    model_cfg = types.SimpleNamespace(Fidelity=types.SimpleNamespace())
+    with pytest.raises(CheckpointError, match="no finished checkpoint for model 'rec'"):
+        baseline_reference(manifest, "rec", model_cfg)
+    assert baseline_reference(manifest, "rec", model_cfg, required=False) is None
+    (tmp_path / "stages" / "baseline" / "rec" / "v1").mkdir(parents=True)
+    manifest.set_entry("baseline", "rec", {"status": "done", "dir": "stages/baseline/rec/v1", "files": {}})
+    with pytest.raises(CheckpointError, match=f"has no {REFERENCE_FILE}; re-run it with --rollback-to baseline"):
+        baseline_reference(manifest, "rec", model_cfg)
+    assert baseline_reference(manifest, "rec", model_cfg, required=False) is None
+    reference = FidelityReference("rec", ["a.jpg"], ["abc"], [0.9])
+    reference.save(str(tmp_path / "stages" / "baseline" / "rec" / "v1" / REFERENCE_FILE))
+    assert baseline_reference(manifest, "rec", model_cfg) == reference
+    assert baseline_reference(manifest, "rec", model_cfg, required=False) == reference
+    assert baseline_reference(manifest, "rec", types.SimpleNamespace(Fidelity=None)) is None
 
 
 def test_strip_label_ops_keeps_the_image_ops():
