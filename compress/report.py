@@ -16,10 +16,11 @@ import math
 import os
 
 from compress.checkpoint import atomic_write_text
+from compress.stats import difference_interval
 
 ROW_FIELDS = (
     "model", "stage", "variant", "backend", "precision", "run", "source",
-    "metric_name", "metric", "metric_diff", "metric_diff_pt",
+    "metric_name", "metric", "metric_diff", "metric_diff_pt", "metric_diff_ci95_pt", "eval_records",
     "params", "flops", "size_bytes", "size_ratio",
     "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "speedup_p50",
     "throughput_ips", "throughput_batch", "peak_rss_mb",
@@ -77,7 +78,9 @@ def assign_references(rows, reference_run=None):
 
 
 def apply_deltas(rows):
-    """Fill ``metric_diff``, ``metric_diff_pt``, ``speedup_p50`` and ``size_ratio`` from each row's reference.
+    """Fill ``metric_diff``, ``metric_diff_pt``, ``speedup_p50`` and ``size_ratio`` from each row's reference, and
+    ``metric_diff_ci95_pt`` (the paired bootstrap interval, :mod:`compress.stats`) when both rows carry the per-sample
+    records of the same Eval samples (``eval_records``).
 
     Returns:
         ``rows`` (modified in place).
@@ -90,6 +93,8 @@ def apply_deltas(rows):
         if _number(row.get("metric")) and _number(ref.get("metric")):
             row["metric_diff"] = row["metric"] - ref["metric"]
             row["metric_diff_pt"] = 100.0 * row["metric_diff"]
+        if row.get("eval_records") and ref.get("eval_records"):
+            row["metric_diff_ci95_pt"] = difference_interval(ref["eval_records"], row["eval_records"])
         if _number(row.get("latency_ms_p50")) and _number(ref.get("latency_ms_p50")) and row["latency_ms_p50"] > 0:
             row["speedup_p50"] = ref["latency_ms_p50"] / row["latency_ms_p50"]
         if _number(row.get("size_bytes")) and _number(ref.get("size_bytes")) and ref["size_bytes"] > 0:
@@ -147,6 +152,11 @@ def _fmt(value, spec, suffix=""):
     return f"{value:{spec}}{suffix}" if _number(value) else "-"
 
 
+def _fmt_interval(interval):
+    """`` [-0.4, +1.9]`` for a 95% interval in points; empty when there is none."""
+    return f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else ""
+
+
 def _fmt_scripts(metrics):
     """Per-script agreement with the baseline (rec), e.g. ``0.95/0.97/0.93``; ``-`` when not measured."""
     values = [metrics.get(f"fidelity_{script}") for script in ("latin", "cjk", "mixed")]
@@ -159,7 +169,7 @@ COLUMNS = (
     ("backend", lambda r: r.get("backend") or "-"),
     ("precision", lambda r: r.get("precision") or "-"),
     ("metric", lambda r: f"{r['metric_name']} {_fmt_metric(r.get('metric'))}" if r.get("metric_name") else "-"),
-    ("Δ pt", lambda r: _fmt(r.get("metric_diff_pt"), "+.2f")),
+    ("Δ pt", lambda r: _fmt(r.get("metric_diff_pt"), "+.2f") + _fmt_interval(r.get("metric_diff_ci95_pt"))),
     ("fidelity", lambda r: _fmt((r.get("metrics") or {}).get("fidelity"), ".4f")),
     ("latin/cjk/mixed", lambda r: _fmt_scripts(r.get("metrics") or {})),
     ("params", lambda r: _fmt_count(r.get("params"))),

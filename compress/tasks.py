@@ -188,13 +188,15 @@ class Task:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, predict, split="eval", limit=None, desc=None):
+    def evaluate(self, predict, split="eval", limit=None, desc=None, samples=None):
         """Run ``predict`` over a split and compute PP-OCR's metrics.
 
         Args:
             predict: callable(np.ndarray images NCHW) -> np.ndarray (det probability maps / rec probabilities).
             split: "eval" (default) or "calibration"; never "train".
             limit: number of samples (default: the split's ``limit``).
+            samples: a list that receives one record per sample, in split order (:mod:`compress.stats`: rec
+                ``[correct]``, det ``[matched, gt_care, det_care]``), for intervals of differences.
         Returns:
             dict of metrics (floats), including ``self.main_metric``.
         """
@@ -206,11 +208,11 @@ class Task:
         batches = list(self.batches(split, limit=limit))
         for batch in tqdm(batches, desc=desc or f"eval {self.task}", disable=not self.show_progress,
                           leave=False):
-            self._update_metric(metric, predict, batch)
+            self._update_metric(metric, predict, batch, samples)
         result = metric.get_metric()
         return {k: float(v) for k, v in result.items()}
 
-    def _update_metric(self, metric, predict, batch):
+    def _update_metric(self, metric, predict, batch, samples=None):
         raise NotImplementedError
 
 
@@ -227,11 +229,14 @@ class DetTask(Task):
     def batches(self, split, batch_size=None, limit=None):
         return super().batches(split, batch_size=1, limit=limit)
 
-    def _update_metric(self, metric, predict, batch):
+    def _update_metric(self, metric, predict, batch, samples=None):
         image, shape, polys, ignore_tags = batch[0][:4]
         maps = predict(image[None].astype("float32"))
         post = self.post_process({"maps": maps}, shape[None])
         metric(post, [image[None], shape[None], polys[None], ignore_tags[None]])
+        if samples is not None:
+            page = metric.results[-1]
+            samples.append([page["detMatched"], page["gtCare"], page["detCare"]])
 
 
 class RecTask(Task):
@@ -244,11 +249,15 @@ class RecTask(Task):
         from compress.data.labels import read_rec_labels
         return [(str(s.image_path), s.label) for s in read_rec_labels(split_cfg.label_file, split_cfg.data_dir)]
 
-    def _update_metric(self, metric, predict, batch):
+    def _update_metric(self, metric, predict, batch, samples=None):
         images = np.stack([s[0] for s in batch]).astype("float32")
         labels = np.stack([s[1] for s in batch])
-        probs = predict(images)
-        metric(self.post_process(probs, labels))
+        preds, targets = self.post_process(predict(images), labels)
+        if samples is None:
+            metric((preds, targets))
+            return
+        for pred, target in zip(preds, targets):  # one call per line: its own acc is 0 or 1
+            samples.append([float(round(metric(([pred], [target]))["acc"]))])
 
 
 TASKS = {"det": DetTask, "rec": RecTask}

@@ -111,7 +111,8 @@ def _row_facts(row):
     metrics = row.get("metrics") or {}
     return {"stage": row["stage"], "variant": row.get("variant"), "backend": row.get("backend"),
             "precision": row.get("precision"), "metric": {row["metric_name"]: row.get("metric")},
-            "metric_diff_pt": row.get("metric_diff_pt"), "fidelity": metrics.get("fidelity"),
+            "metric_diff_pt": row.get("metric_diff_pt"), "metric_diff_ci95_pt": row.get("metric_diff_ci95_pt"),
+            "fidelity": metrics.get("fidelity"),
             "fidelity_by_script": {k: v for k, v in metrics.items() if k.startswith("fidelity_")
                                    and not k.startswith(("fidelity_ned", "fidelity_lines", "fidelity_boxes"))},
             "latency_ms_p50": row.get("latency_ms_p50"), "latency_ms_p99": row.get("latency_ms_p99"),
@@ -141,8 +142,11 @@ def card_markdown(card):
     """``MODEL_CARD.md``: the card as a short page."""
     chosen = card["chosen"]
     (name, value), = chosen["metric"].items()
+    interval = chosen.get("metric_diff_ci95_pt")
     lines = [f"# {card['model']}: {chosen['stage']}/{chosen['variant']} on {chosen['backend']}", "",
-             f"- {name} {value:.4f} ({(chosen['metric_diff_pt'] or 0.0):+.2f} pt vs the baseline on the same backend)"
+             f"- {name} {value:.4f} ({(chosen['metric_diff_pt'] or 0.0):+.2f} pt vs the baseline on the same backend"
+             + (f"; 95% interval {interval[0]:+.2f} to {interval[1]:+.2f} pt, paired bootstrap over the Eval samples"
+                if interval else "") + ")"
              if value is not None else f"- {name}: not measured",
              f"- fidelity to the baseline: {chosen['fidelity']:.4f}" if chosen.get("fidelity") is not None
              else "- fidelity to the baseline: not measured",

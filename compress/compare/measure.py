@@ -83,14 +83,16 @@ def measure_variants(model_name, variants, task, settings, max_batch_size, facts
         key = variant_key(variant)
         predictor = create_predictor(variant.path, variant.deploy(settings.threads))
         predictors[key] = predictor
+        samples = []
         metrics = task.evaluate(predict_fn(predictor), limit=settings.eval_limit,
-                                desc=f"compare {model_name} {variant_label(variant)}")
+                                desc=f"compare {model_name} {variant_label(variant)}", samples=samples)
         if reference is not None:
             metrics.update(measure_fidelity(task, predict_fn(predictor), reference,
                                             desc=f"fidelity {model_name} {variant_label(variant)}"))
         rows[key] = new_row(model_name, variant.stage, variant=variant.name, backend=variant.backend,
                             precision=variant.precision, run=variant.run, source="measured",
                             metric_name=task.main_metric, metric=metrics.get(task.main_metric), metrics=metrics,
+                            eval_records=samples,
                             size_bytes=model_files_bytes(variant.path), gated=variant.stage != "baseline",
                             **facts(variant))
         if predictor.fallback_reason:

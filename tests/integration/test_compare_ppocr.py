@@ -18,6 +18,7 @@ from compress.stages import compare as compare_module  # noqa: F401  (registers 
 from compress.stages import stage_sections
 from compress.stages.base import RunContext
 from compress.stages.compare import CompareConfig, CompareStage
+from compress.stats import metric_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the manifest below is written by hand, without the baseline stage's fidelity reference: fidelity is not measured
@@ -107,7 +108,12 @@ def test_compare_stage_on_real_models(run, capsys):
         assert rows[(name, "baseline_fp32", "onnxruntime")]["metric"] == pytest.approx(dygraph, abs=0.02)
         copy = rows[(name, "fp32", "paddle_cpu")]
         assert copy["metric_diff"] == pytest.approx(0.0, abs=1e-9) and copy["gated"]
+        # per-sample records reproduce the metric; a copy's paired interval is exactly zero
+        assert metric_of(copy["eval_records"]) == pytest.approx(copy["metric"], abs=1e-6)
+        assert copy["metric_diff_ci95_pt"] == [0.0, 0.0]
         int8 = rows[(name, "int8", "paddle_cpu")]
+        low, high = int8["metric_diff_ci95_pt"]
+        assert low <= int8["metric_diff_pt"] <= high
         assert int8["precision"] == "int8" and int8["size_ratio"] < 0.6  # int8 weights
         for row in (baseline, copy, int8):
             assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"] and row["throughput_ips"] > 0
