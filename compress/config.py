@@ -383,7 +383,7 @@ def apply_overrides(data, overrides):
     return data
 
 
-PIPELINE_KEYS = ("Global", "Models", "Pipeline")
+PIPELINE_KEYS = ("Global", "Models", "Pipeline", "Backoff")  # Backoff: compress.backoff
 
 
 def load_config(path, overrides=(), stage_sections=()):

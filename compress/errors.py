@@ -20,9 +20,17 @@ class CheckpointError(CompressError):
 
 
 class GateError(CompressError):
-    """A quality gate failed: the compressed model lost more than the configured budget."""
+    """A quality gate failed: the compressed model lost more than the configured budget.
+
+    Attributes:
+        models: the models that missed (empty when not known); ``compress.backoff`` retries those.
+    """
 
     exit_code = 3
+
+    def __init__(self, message, models=()):
+        super().__init__(message)
+        self.models = tuple(models)
 
 
 def run_cli(main, interrupted="interrupted"):

@@ -230,7 +230,7 @@ class Runner:
             others = f" (also: {', '.join(stopping[1:])})" if len(stopping) > 1 else ""
             raise GateError(f"stage '{stage.name}' failed its gate for model '{first}'{others}: "
                             f"{manifest.entry(stage.name, first).get('message', '')}; head stays on "
-                            f"'{manifest.head}'")
+                            f"'{manifest.head}'", models=stopping)
 
     def _run_level(self, manifest, stage, states, index, dry_run):
         """A run-level stage: one checkpoint for the run, re-run when any model's chain (or its config) changed."""
@@ -268,7 +268,7 @@ class Runner:
         self._log_finished(prefix, manifest, RUN_KEY, entry, result, seconds)
         if not result.passed and stage.on_gate_fail(first_cfg) == "stop":
             raise GateError(f"stage '{stage.name}' failed its gate: {result.message}; head stays on "
-                            f"'{manifest.head}'")
+                            f"'{manifest.head}'", models=(result.metadata or {}).get("failing_models", ()))
 
     def _commit(self, staging, final_dir, stage, key, config, config_hash, result, seconds):
         """Write ``stage.json``, checksum the staging folder, rename it into place; the manifest entry."""

@@ -33,6 +33,7 @@ def main(argv=None):
 
 
 def _run(args):
+    from compress.backoff import describe, load_attempts, run_with_backoff
     from compress.config import load_config
     from compress.runner import Runner, format_seconds, is_writer, print_listing
     from compress.stages import stage_sections
@@ -41,6 +42,8 @@ def _run(args):
     runner = Runner(cfg)
     if args.list:
         print_listing(runner)
+        for attempt in load_attempts(runner.run_dir):
+            print(f"back-off {describe(attempt)}")
         return 0
     if args.rollback_to:
         runner.rollback(args.rollback_to)
@@ -50,7 +53,7 @@ def _run(args):
         if cfg.Global.demo_data and not args.dry_run and is_writer():
             from compress.data.demo import generate_demo_data
             generate_demo_data(cfg.Global.demo_data, show_progress=cfg.Global.show_progress)
-        runner.run(dry_run=args.dry_run)
+        run_with_backoff(args.config, args.opt, stage_sections(), dry_run=args.dry_run)
     finally:
         if not args.dry_run and is_writer():
             print(f"total {format_seconds(time.time() - started)} (run dir {runner.run_dir})", flush=True)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+from compress.backoff import describe, load_attempts
 from compress.checkpoint import DONE, atomic_write_json
 from compress.compare.delivery import DELIVERED, choose, summary_line, write_delivered
 from compress.compare.e2e import e2e_for
@@ -88,7 +89,7 @@ class CompareStage(Stage):
         compressed variants all miss its limits (its baseline is delivered); a failing variant beside a passing one
         is only not chosen. Without measured variants, the model's last stage row is gated."""
         first = cfgs[ctx.models[0]]
-        notes, rows, failing, messages, variants_by_model, choices = [], [], [], [], {}, []
+        notes, rows, failing, messages, variants_by_model, choices, missed = [], [], [], [], {}, [], []
         for name in ctx.models:
             cfg = cfgs[name]
             settings = MeasureSettings.from_config(cfg, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
@@ -97,12 +98,14 @@ class CompareStage(Stage):
             keys, message = gate_summary(model_rows, cfg)  # each model's own limits (per_model)
             choice = choose(name, model_rows, cfg)
             if choice is None or (choice.tried and not choice.compressed_passed):
+                missed.append(name)
                 failing += keys
                 messages += [message] if message else []
             if choice is not None:
                 choices.append(choice)
             rows += model_rows
             variants_by_model[name] = (ctx.model_cfgs[name], variants)
+        notes += [f"back-off {describe(attempt)}" for attempt in load_attempts(ctx.run_dir)]
         settings = MeasureSettings.from_config(first, ctx.global_cfg.threads, ctx.global_cfg.show_progress)
         if first.e2e:
             rows += e2e_for(variants_by_model, first, settings, notes, print)
@@ -127,7 +130,7 @@ class CompareStage(Stage):
         message = " | ".join(messages)
         return StageResult(model=None, metrics=metrics, passed=not failing,
                            message=message + (f"; {delivered}" if message and delivered else ""),
-                           metadata={"rows": len(rows), "delivered": delivered},
+                           metadata={"rows": len(rows), "delivered": delivered, "failing_models": missed},
                            publish={DELIVERED: DELIVERED} if choices else {})
 
     def _card_extras(self, name, cfgs, ctx, settings):

@@ -91,6 +91,45 @@ class TGate(Stage):
                            message="out_sum too low" if failed else "")
 
 
+@dataclass(frozen=True)
+class LevelConfig:
+    level: float = 1.0
+
+
+class TLevel(Stage):
+    """Perturbs the weights by ``level`` (a stand-in for a compression strength, e.g. a FLOPs target)."""
+
+    name, section, config_cls, allowed_after = "t_level", "TLevel", LevelConfig, ("t_init",)
+
+    def run(self, model, cfg, ctx):
+        import paddle
+        CALLS.append((self.name, ctx.model_name))
+        _maybe_die(self.name, ctx)
+        for p in model.parameters():
+            p.set_value(p + paddle.full_like(p, cfg.level * 1e-3))
+        return StageResult(model=model, metrics={"level": cfg.level}, weights_changed=True)
+
+
+@dataclass(frozen=True)
+class LevelGateConfig:
+    max_level: float = 0.3
+    on_gate_fail: str = "stop"
+
+
+class TLevelGate(Stage):
+    """Passes the models whose ``t_level`` was at most ``max_level``."""
+
+    name, section, config_cls, allowed_after = "t_level_gate", "TLevelGate", LevelGateConfig, ("t_level",)
+
+    def run(self, model, cfg, ctx):
+        CALLS.append((self.name, ctx.model_name))
+        level = ctx.stage_entry("t_level")["metrics"]["level"]
+        if os.environ.get("DIE_AT_LEVEL") == str(level):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return StageResult(model=model, metrics={"level": level}, passed=level <= cfg.max_level,
+                           message=f"level {level} > {cfg.max_level}" if level > cfg.max_level else "")
+
+
 def _maybe_die(name, ctx):
     if os.environ.get("DIE_IN_STAGE") == name:
         with open(os.path.join(ctx.out_dir, "partial.bin"), "wb") as f:
@@ -100,7 +139,7 @@ def _maybe_die(name, ctx):
         raise RuntimeError(f"simulated crash in {name}")
 
 
-for _cls in (TInit, TPerturb, TPerturb2, TCheck, TGate):
+for _cls in (TInit, TPerturb, TPerturb2, TCheck, TGate, TLevel, TLevelGate):
     if _cls.name not in STAGES:
         STAGES.register(_cls.name, _cls)
 

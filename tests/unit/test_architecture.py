@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORE_MODULES = {"compress", "compress.errors", "compress.registry", "compress.config", "compress.checkpoint",
                 "compress.threads", "compress.ppocr_compat", "compress.models", "compress.tasks", "compress.runner",
-                "compress.fidelity", "compress.stages.base"}
+                "compress.fidelity", "compress.backoff", "compress.stages.base"}
 STAGE_MODULES = {"finetune.stage", "export.stage"}
 PACKAGES = ("compress", "finetune", "export")
 LAYERS = ("core", "library", "stage")
