@@ -92,6 +92,7 @@ class QuantConfig:
     fallback_candidates: int = 6  # layers tried for keeping float, most input channels first
     max_skipped: int = 3  # at most this many layers stay float
     fallback_limit: Optional[int] = None  # Calibration samples used to rank the fallback candidates
+    bias_correction: Literal["fast", "full"] = "fast"  # NNCF's (OpenVINO INT8): fast, or its full BiasCorrection
     eval_limit: Optional[int] = None
     threads: int = 1  # predictor threads while evaluating
     on_gate_fail: Literal["stop", "continue"] = "continue"

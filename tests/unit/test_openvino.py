@@ -96,7 +96,7 @@ def _ptq_job(model_dir, out_dir, task="det"):
 
     job = PtqJob(folded_dir=model_dir, out_dir=str(out_dir), work_dir=str(out_dir), calibration=calibration,
                  evaluate=evaluate, main_metric="score", task=task,
-                 options=types.SimpleNamespace(max_metric_drop=1.0, max_skipped=0))
+                 options=types.SimpleNamespace(max_metric_drop=1.0, max_skipped=0, bias_correction="fast"))
     return job, probe, outputs
 
 
