@@ -39,6 +39,8 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+WEIGHTS_FILE = "model.pdparams"  # the weights a stage checkpoint saves (paddle.save of the state_dict)
+
 def atomic_write_bytes(dest, data):
     """Write ``data`` to ``dest`` through a temporary file in the same folder and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(dest))
@@ -203,7 +205,7 @@ class Manifest:
     def abs_dir(self, entry):
         return os.path.join(self.run_dir, entry["dir"])
 
-    def weight_stages(self, model, until_stage=None, weights_file="model.pdparams"):
+    def weight_stages(self, model, until_stage=None, weights_file=WEIGHTS_FILE):
         """The finished stages of ``model``, in pipeline order before ``until_stage`` (None: all), whose checkpoint
         saved weights (``weights_file``)."""
         stages = []

@@ -13,13 +13,12 @@ from typing import Any, Dict
 
 import numpy as np
 
-from compress.checkpoint import DONE, FAILED, STALE, Manifest, StagingDir, atomic_write_json, checksum_tree, \
-    next_version_dir
+from compress.checkpoint import DONE, FAILED, STALE, WEIGHTS_FILE, Manifest, StagingDir, atomic_write_json, \
+    checksum_tree, next_version_dir
 from compress.config import dump_config, parse_section, stable_hash, to_plain
 from compress.errors import CheckpointError, ConfigError, GateError
 from compress.stages.base import PLANNED_STAGES, RUN_KEY, STAGES, RunContext
 
-WEIGHTS_FILE = "model.pdparams"
 
 
 def format_seconds(seconds):
@@ -84,6 +83,15 @@ class StageContext:
 
     def stage_entry(self, stage):
         return self.manifest.entry(stage, self.model_name)
+
+    def baseline_model(self, what="baseline"):
+        """The baseline model rebuilt from its verified checkpoint, in eval mode (``what`` names it in errors)."""
+        from compress.models import build_model
+        model = build_model(dict(self.model_cfg.Architecture), {"random": True}, self.model_cfg.base_dir)
+        load_weights(model, os.path.join(self.stage_dir("baseline"), WEIGHTS_FILE), f"model '{self.model_name}' "
+                                                                                   f"({what})")
+        model.eval()
+        return model
 
 
 @dataclass

@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 FP32_DIR, BASELINE_DIR, INT8_DIR = "fp32", "baseline_fp32", "int8"
 PARITY_FILE = "parity.json"
-WEIGHTS_FILE = "model.pdparams"
 # paddle2onnx 1.3.1 converts for opsets 7..16
 OPSET_RANGE = (7, 16)
 
@@ -154,20 +153,12 @@ class ExportStage(Stage):
 
 def _baseline_model(ctx):
     """The baseline model rebuilt from its checkpoint and None, or None and why it is not exported."""
-    from compress.models import build_model
-    from compress.runner import load_weights
-
-    pipeline = list(ctx.manifest.data.get("pipeline") or [])
-    before = pipeline[:pipeline.index("export")] if "export" in pipeline else pipeline
-    weight_stages = [s for s in before if WEIGHTS_FILE in ((ctx.stage_entry(s) or {}).get("files") or {})]
+    weight_stages = ctx.manifest.weight_stages(ctx.model_name, "export")
     if "baseline" not in weight_stages:
         return None, "no baseline checkpoint in this run"
     if weight_stages[-1] == "baseline":
         return None, "the current weights are the baseline's (fp32/ is the baseline)"
-    model = build_model(dict(ctx.model_cfg.Architecture), {"random": True}, ctx.model_cfg.base_dir)
-    load_weights(model, os.path.join(ctx.stage_dir("baseline"), WEIGHTS_FILE), f"baseline of '{ctx.model_name}'")
-    model.eval()
-    return model, ""
+    return ctx.baseline_model(), ""
 
 
 def _own_int8_model(backend, folder, available):

@@ -7,7 +7,6 @@ the Fidelity split. Its gate fails when the main metric is more than ``max_metri
 agreement with the baseline fell more than ``max_fidelity_drop`` points. Progress is saved under the stage's work
 directory, so a killed fine-tune continues where it stopped when the pipeline is run again.
 """
-import os
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal, Optional
 
@@ -50,19 +49,13 @@ def load_teacher(ctx):
     teacher = ctx.extras.get("teacher")
     if teacher is not None:
         return teacher
-    from compress.models import build_model
-    from compress.runner import WEIGHTS_FILE, load_weights
-
-    folder = ctx.stage_dir("baseline")
-    teacher = build_model(dict(ctx.model_cfg.Architecture), {"random": True}, ctx.model_cfg.base_dir)
-    return load_weights(teacher, os.path.join(folder, WEIGHTS_FILE), f"model '{ctx.model_name}' (teacher)")
+    return ctx.baseline_model("teacher")
 
 
 def nothing_to_recover(ctx):
     """True when a prune stage ran before this one but removed nothing, and no stage but ``baseline`` saved
     weights: the model is the baseline itself. (A pipeline without prune may fine-tune the baseline on purpose.)"""
-    from compress.checkpoint import DONE
-    from compress.runner import WEIGHTS_FILE
+    from compress.checkpoint import DONE, WEIGHTS_FILE
 
     pipeline = ctx.manifest.data.get("pipeline", [])
     saved = ctx.manifest.weight_stages(ctx.model_name, pipeline[ctx.stage_index], WEIGHTS_FILE)

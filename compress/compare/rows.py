@@ -4,7 +4,7 @@ import compress  # noqa: F401  (imports zlib before paddle, see compress/__init_
 
 import os
 
-from compress.checkpoint import DONE
+from compress.checkpoint import DONE, WEIGHTS_FILE
 from compress.errors import CheckpointError
 from compress.report import apply_deltas, assign_references, gate_failures, gate_message, new_row, row_key
 
@@ -39,8 +39,8 @@ def manifest_rows(manifest, model_name, main_metric, until_stage="compare", run=
 def _weights_bytes(manifest, entry, metrics):
     if metrics.get("weights_bytes"):
         return metrics["weights_bytes"]
-    path = os.path.join(manifest.abs_dir(entry), "model.pdparams")
-    return os.path.getsize(path) if "model.pdparams" in entry.get("files", {}) and os.path.exists(path) else None
+    path = os.path.join(manifest.abs_dir(entry), WEIGHTS_FILE)
+    return os.path.getsize(path) if WEIGHTS_FILE in entry.get("files", {}) and os.path.exists(path) else None
 
 
 def model_facts_from_manifest(manifest, model_name, until_stage="compare"):

@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 import export.stage  # noqa: F401  (registers the stage)
+from compress.checkpoint import Manifest
 from compress.config import InputConfig, ModelConfig, parse_section
 from compress.errors import ConfigError, InputError
+from compress.runner import StageContext
 from compress.stages.base import STAGES
 from export import deploy as deploy_mod
 from export.deploy import build_deploy_config, plan_dynamic_shapes, read_deploy_bundle, validate_trt_settings, \
@@ -252,17 +254,27 @@ class FakeTask:
         yield from images(*[(1, 3, 64, 64)] * (limit or 2), seed=3)
 
 
+class FakeManifest:
+    """The manifest's reading side over hand-written entries (no checksums to verify)."""
+
+    weight_stages = Manifest.weight_stages
+
+    def __init__(self, entries):
+        self.data = {"pipeline": [*entries, "export"]}
+        self._entries = entries
+
+    def entry(self, stage, model):
+        return self._entries.get(stage)
+
+
 def fake_ctx(tmp_path, entries):
     """What ExportStage uses of StageContext: a manifest with earlier entries and their folders."""
-    manifest = types.SimpleNamespace(data={"pipeline": [*entries, "export"]})
     dirs = {stage: str(tmp_path / "stages" / stage) for stage in entries}
-
-    def stage_entry(stage):
-        return entries.get(stage)
-
-    return types.SimpleNamespace(model_name="det", model_cfg=tiny_model_cfg(), task=FakeTask(),
-                                 out_dir=str(tmp_path / "out"), manifest=manifest, stage_entry=stage_entry,
-                                 stage_dir=dirs.__getitem__, global_cfg=None)
+    ctx = types.SimpleNamespace(model_name="det", model_cfg=tiny_model_cfg(), task=FakeTask(),
+                                out_dir=str(tmp_path / "out"), manifest=FakeManifest(entries),
+                                stage_entry=entries.get, stage_dir=dirs.__getitem__, global_cfg=None)
+    ctx.baseline_model = types.MethodType(StageContext.baseline_model, ctx)
+    return ctx
 
 
 def test_stage_exports_head_baseline_and_int8(exported, tmp_path):
