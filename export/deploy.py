@@ -323,10 +323,8 @@ def write_deploy_bundle(model_dir, model_cfg, precision, deploys, onnx_file=None
 
 
 def _default_backend(index):
-    for key in ("paddle_cpu", "onnxruntime"):
-        if key in index:
-            return key
-    return next(iter(index), "paddle_cpu")
+    from export.backends import REFERENCE_BACKEND
+    return REFERENCE_BACKEND if REFERENCE_BACKEND in index else next(iter(index), REFERENCE_BACKEND)
 
 
 def _write_yaml(path, data):

@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from compress.errors import ConfigError, InputError
-from export.backends import INT8_RUNTIME_KEY, ModelFiles, Predictor, backend_names, get_backend  # noqa: F401
+from export.backends import INT8_RUNTIME_KEY, REFERENCE_BACKEND, ModelFiles, Predictor, backend_names, \
+    get_backend  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class DeployConfig:
         openvino: OpenVINO settings.
     """
 
-    backend: str = "paddle_cpu"
+    backend: str = REFERENCE_BACKEND
     precision: str = "fp32"
     threads: int = 1
     mkldnn: bool = True

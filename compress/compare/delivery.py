@@ -20,6 +20,7 @@ import yaml
 from compress.checkpoint import atomic_write_text
 from compress.compare.rows import fidelity_failures
 from compress.report import gate_failures, row_key
+from export.backends import REFERENCE_BACKEND
 
 DELIVERED = "delivered"
 CARD_JSON, CARD_MD = "model_card.json", "MODEL_CARD.md"
@@ -77,7 +78,7 @@ def choose(model, rows, cfg):
 def paddle_baseline(rows, model):
     """The model's baseline row on Paddle Inference CPU (what a PaddleOCR user runs today), or None."""
     return next((r for r in rows if r["model"] == model and r["stage"] == "baseline" and r["source"] == "measured"
-                 and r.get("backend") == "paddle_cpu"), None)
+                 and r.get("backend") == REFERENCE_BACKEND), None)
 
 
 def write_delivered(choice, variant, rows, out_dir, card_extras):

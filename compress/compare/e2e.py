@@ -7,6 +7,7 @@ import numpy as np
 from compress.compare.measure import variant_key, variant_label
 from compress.compare.variants import model_files_bytes
 from compress.report import new_row
+from export.backends import REFERENCE_BACKEND
 
 
 def read_e2e_pages(det_cfg, limit=None):
@@ -223,7 +224,7 @@ def e2e_for(variants_by_model, cfg, settings, notes, log):
         return []
     det_cfg, det_variants = by_task["det"]
     _, rec_variants = by_task["rec"]
-    keep = [b for b in cfg.backends if b == "paddle_cpu"] or list(cfg.backends)
+    keep = [b for b in cfg.backends if b == REFERENCE_BACKEND] or list(cfg.backends)
     rows = e2e_rows([v for v in det_variants if v.backend in keep], [v for v in rec_variants if v.backend in keep],
                     det_cfg, settings, cfg.e2e_limit, log)
     if not rows:

@@ -64,6 +64,7 @@ def inference_predict(model, ctx):
     if not isinstance(model, paddle.nn.Layer):
         yield model
         return
+    from export.backends import REFERENCE_BACKEND
     from export.deploy import DeploySettings, build_deploy_config
     from export.exporter import export_inference_model
     from export.predictor import create_predictor
@@ -71,7 +72,7 @@ def inference_predict(model, ctx):
     model_cfg = ctx.model_cfg
     with tempfile.TemporaryDirectory(prefix="fidelity-") as folder:
         export_inference_model(copy.deepcopy(model), folder, model_cfg.Input, model_cfg.task)
-        deploy = build_deploy_config(model_cfg.task, model_cfg.Input, "paddle_cpu", "fp32",
+        deploy = build_deploy_config(model_cfg.task, model_cfg.Input, REFERENCE_BACKEND, "fp32",
                                      DeploySettings(threads=ctx.global_cfg.threads))
         predictor = create_predictor(folder, deploy)
         name = predictor.input_names[0]
