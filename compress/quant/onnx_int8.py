@@ -142,6 +142,11 @@ def constants_to_initializers(model):
 MIN_MACS_PER_ELEMENT = 40
 
 
+def macs_per_element(in_channels, out_channels, kernel, stride):
+    """Multiply-adds of a group-1 conv per activation element it reads or writes (:data:`MIN_MACS_PER_ELEMENT`)."""
+    return in_channels * out_channels * int(np.prod(kernel)) / (in_channels * stride + out_channels)
+
+
 def dense_conv_and_matmul_nodes(model, min_macs_per_element=MIN_MACS_PER_ELEMENT):
     """Names of the nodes worth running in INT8: MatMuls with a weight, and group-1 convs with more than 3 input
     channels doing at least ``min_macs_per_element`` multiply-adds per input plus output element (see
@@ -161,8 +166,8 @@ def dense_conv_and_matmul_nodes(model, min_macs_per_element=MIN_MACS_PER_ELEMENT
         if group != 1 or in_channels <= 3:
             continue
         stride = int(np.prod(_attribute(node, "strides", [1] * len(kernel))))
-        macs_per_element = in_channels * out_channels * int(np.prod(kernel)) / (in_channels * stride + out_channels)
-        (heavy if macs_per_element >= min_macs_per_element else light).append(node.name)
+        work = macs_per_element(in_channels, out_channels, kernel, stride)
+        (heavy if work >= min_macs_per_element else light).append(node.name)
     if heavy and light:
         logger.info("ONNX INT8: %d light convs kept float (< %s multiply-adds per element)", len(light),
                     min_macs_per_element)

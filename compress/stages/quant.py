@@ -93,6 +93,8 @@ class QuantConfig:
     max_skipped: int = 3  # at most this many layers stay float
     fallback_limit: Optional[int] = None  # Calibration samples used to rank the fallback candidates
     bias_correction: Literal["fast", "full"] = "fast"  # NNCF's (OpenVINO INT8): fast, or its full BiasCorrection
+    # OpenVINO INT8: convs doing fewer multiply-adds per activation element stay float (0: all but depth-wise)
+    openvino_min_macs_per_element: float = 0.0
     eval_limit: Optional[int] = None
     threads: int = 1  # predictor threads while evaluating
     on_gate_fail: Literal["stop", "continue"] = "continue"

@@ -135,7 +135,8 @@ class OpenVino(Backend):
         model = read_model(find_model_files(job.folded_dir))
         openvino.save_model(model, float_ir, compress_to_fp16=False)
         quantized, settings = nncf_quantize(model, job.calibration, job.task,
-                                            fast_bias_correction=job.options.bias_correction == "fast")
+                                            fast_bias_correction=job.options.bias_correction == "fast",
+                                            min_macs_per_element=job.options.openvino_min_macs_per_element)
         openvino.save_model(quantized, int8_ir)
         return {"float_metric": job.evaluate(float_ir, self.name, "fp32")[main],
                 "int8_metric": job.evaluate(int8_ir, self.name, "int8")[main],
@@ -153,7 +154,24 @@ def _nncf():
     return nncf
 
 
-def nncf_quantize(model, calibration, task, fast_bias_correction=True):
+def light_convolutions(model, min_macs_per_element):
+    """Friendly names of the group-1 ``Convolution`` ops of an ``openvino.Model`` doing fewer than
+    ``min_macs_per_element`` multiply-adds per activation element (``compress.quant.onnx_int8.macs_per_element``;
+    convs reading 3 channels or fewer count as light): INT8 saves less there than its reorders cost."""
+    from compress.quant.onnx_int8 import macs_per_element
+
+    light = []
+    for op in model.get_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        out_channels, in_channels, *kernel = [dim.get_length() for dim in op.input_value(1).get_partial_shape()]
+        stride = int(np.prod(list(op.get_strides())))
+        if in_channels <= 3 or macs_per_element(in_channels, out_channels, kernel, stride) < min_macs_per_element:
+            light.append(op.get_friendly_name())
+    return light
+
+
+def nncf_quantize(model, calibration, task, fast_bias_correction=True, min_macs_per_element=0):
     """NNCF post-training INT8 of an ``openvino.Model``: NNCF's defaults, with :data:`FLOAT_OP_TYPES` left float.
 
     Args:
@@ -162,10 +180,12 @@ def nncf_quantize(model, calibration, task, fast_bias_correction=True):
         task: ``det`` or ``rec``.
         fast_bias_correction: NNCF's fast bias correction (one shift per layer from its own statistics); False:
             its full BiasCorrection, which re-runs each quantized layer's sub-graph (rec: about 2x the time).
+        min_macs_per_element: convs doing fewer multiply-adds per activation element stay float
+            (:func:`light_convolutions`); 0: every conv but the depth-wise ones is quantized.
 
     Returns:
         (quantized model, the settings used: ``model_type``, ``overflow_fix``, ``float_op_types``,
-        ``bias_correction``, ``calibration_items``, ``seconds_nncf``).
+        ``bias_correction``, ``min_macs_per_element``, ``float_convs``, ``calibration_items``, ``seconds_nncf``).
 
     Raises:
         InputError: when ``calibration`` is empty or lacks one of the model's inputs.
@@ -185,6 +205,7 @@ def nncf_quantize(model, calibration, task, fast_bias_correction=True):
     model_type = nncf.ModelType.TRANSFORMER if task == "rec" else None
     # VNNI multiplies int8 pairs into int32 without the 16-bit intermediate that saturates on AVX2 / AVX-512
     overflow_fix = OverflowFix.DISABLE if cpu_has_vnni() else OverflowFix.FIRST_LAYER
+    light = light_convolutions(model, min_macs_per_element) if min_macs_per_element else []
     started = time.time()
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
@@ -193,13 +214,14 @@ def nncf_quantize(model, calibration, task, fast_bias_correction=True):
         quantized = nncf.quantize(
             model, nncf.Dataset(calibration, lambda feed: {name: feed[name] for name in input_names}),
             subset_size=len(calibration), model_type=model_type, fast_bias_correction=fast_bias_correction,
-            ignored_scope=nncf.IgnoredScope(types=list(FLOAT_OP_TYPES), validate=False),  # a model may have none
+            ignored_scope=nncf.IgnoredScope(names=light, types=list(FLOAT_OP_TYPES), validate=False),  # may be none
             advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix))
     finally:
         nncf_logger.setLevel(level)
     return quantized, {"model_type": model_type.value if model_type else None, "overflow_fix": overflow_fix.value,
                        "float_op_types": list(FLOAT_OP_TYPES),
                        "bias_correction": "fast" if fast_bias_correction else "full",
+                       "min_macs_per_element": min_macs_per_element, "float_convs": len(light),
                        "calibration_items": len(calibration),
                        "seconds_nncf": round(time.time() - started, 1)}
 

@@ -2,6 +2,7 @@
 settings, model lookup in an exported folder. Tiny Paddle conv nets with dynamic spatial sizes; seconds each."""
 import compress  # noqa: F401  (imports zlib before paddle)
 
+import dataclasses
 import json
 import os
 import types
@@ -96,7 +97,8 @@ def _ptq_job(model_dir, out_dir, task="det"):
 
     job = PtqJob(folded_dir=model_dir, out_dir=str(out_dir), work_dir=str(out_dir), calibration=calibration,
                  evaluate=evaluate, main_metric="score", task=task,
-                 options=types.SimpleNamespace(max_metric_drop=1.0, max_skipped=0, bias_correction="fast"))
+                 options=types.SimpleNamespace(max_metric_drop=1.0, max_skipped=0, bias_correction="fast",
+                                               openvino_min_macs_per_element=0.0))
     return job, probe, outputs
 
 
@@ -164,6 +166,26 @@ def test_ptq_keeps_the_overflow_fix_without_vnni_and_uses_transformer_patterns_f
     # half the int8 range on the first conv only (the fix: 7-bit levels, -64..63); the full range elsewhere
     assert weight_ranges.pop((32, 3, 3, 3)) in (63, 64)
     assert weight_ranges == {(64, 32, 3, 3): 127, (2, 64, 1, 1): 127}
+
+
+def test_light_convs_stay_float_above_a_work_threshold(quant_model_dir, tmp_path):
+    # conv2d_0 reads 3 channels, conv2d_2 (64 -> 2, 1x1) does 1.9 multiply-adds per element, conv2d_1 192
+    model = ovr.ov_core().read_model(os.path.join(quant_model_dir, "inference.pdmodel"))
+    assert sorted(ovr.light_convolutions(model, 40)) == ["conv2d_0.tmp_0", "conv2d_2.tmp_0"]
+    assert ovr.light_convolutions(model, 200) == ovr.light_convolutions(model, 1000)  # all three
+    job, _, _ = _ptq_job(quant_model_dir, tmp_path)
+    job = dataclasses.replace(job, options=types.SimpleNamespace(**dict(vars(job.options),
+                                                                         openvino_min_macs_per_element=40)))
+    result = ovr.OpenVino().ptq(job)
+    assert (result["min_macs_per_element"], result["float_convs"]) == (40, 2)
+    compiled = ovr.ov_core().compile_model(result["int8_model"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runtime = {op.get_rt_info()["originalLayersNames"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
+               for op in compiled.get_runtime_model().get_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+    # the dense conv alone runs INT8; the first conv, the depth-wise one and the 64 -> 2 1x1 stay f32
+    int8 = [names for names, precision in runtime.items() if precision in ("i8", "u8")]
+    assert len(int8) == 1 and "conv2d_1.tmp_0" in int8[0].split(",")
+    assert sorted(runtime.values()).count("f32") == 3
 
 
 def test_compile_properties_follow_the_deploy_config():
