@@ -15,9 +15,11 @@ OpenVINO (FP32, ``--threads``):
 and prints each p50 and its ratio to ``alone``: fair timing keeps the ratio within noise of 1.00. Nothing is
 downloaded; the ONNX model is converted into a temporary folder.
 
-Measured (Xeon with VNNI and AMX, 2 vCPUs, 2 threads, ``--repeats 30``), p50 ms alone and ratios interleaved / +pause
-/ +settle: paddle_cpu 18.9, 1.12 / 1.25 / 1.07; onnxruntime 14.3, 1.23 / 1.28 / 1.19; openvino 5.7, 1.23 / 1.83 /
-1.16 (a second run with ``--settle 2``: 0.99 / 1.14 / 1.52; two cores shared with the system: noisy).
+Measured (Xeon with VNNI and AMX, 2 vCPUs, 2 threads, ``--repeats 30``, ``KMP_BLOCKTIME`` 10 ms as
+``compress/__init__.py`` sets it; 5 runs), p50 ms alone and ratios interleaved / +pause / +settle: paddle_cpu
+19.3-20.4, 1.11-1.14 / 1.17-1.23 / 0.97-1.07; onnxruntime 13.8-14.2, 1.12-1.17 / 1.27-1.37 / 1.01-1.07; openvino
+5.4-5.8, 1.27-1.34 / 2.13-2.24 / 1.09-1.19. With ``KMP_BLOCKTIME=200`` (Intel OpenMP's default) the +settle ratios
+were 1.04-1.06 / 1.13-1.23 / 1.11-1.25.
 
 Usage: python benchmarks/bench_timing_fairness.py [--threads 2] [--repeats 30] [--pause-ms 250] [--settle 1]
 """
