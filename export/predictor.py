@@ -14,8 +14,6 @@ import glob
 import logging
 import os
 
-import numpy as np
-
 from compress.errors import ConfigError, InputError
 from export.backends import INT8_RUNTIME_KEY, REFERENCE_BACKEND, ModelFiles, Predictor, backend_names, \
     get_backend  # noqa: F401
