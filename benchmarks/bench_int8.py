@@ -25,11 +25,12 @@ child process):
 ``--run <run_dir>`` also times every exported variant of a pipeline run (the export checkpoint of each model in its
 manifest: one variant per folder and deploy config, ``compress.compare.variants.discover_variants``).
 
-Measured at the defaults (98 s with the builds; Xeon with VNNI and AMX, 2 vCPU shared with other jobs, load 2-3),
-p50 ms and x vs paddle fp32, 1 thread / 2 threads:
-det 960x960 paddle fp32 237.9 / 259.4, ort fp32 1.06x / 0.99x, openvino fp32 1.62x / 1.58x, openvino int8 3.19x /
-2.79x; rec 3x48x320 paddle fp32 37.3 / 45.9, ort fp32 2.03x / 2.48x, openvino fp32 2.96x / 3.66x, openvino int8
-5.21x / 6.40x. OpenVINO INT8 vs paddle fp32 on held-out images: det binary-map agreement 0.9987, rec sequences
+Measured ``--threads 1,2 --run output/final4`` (3 min with the builds; Xeon with VNNI and AMX, 2 vCPU), p50 ms and x
+vs paddle fp32, 1 thread / 2 threads: det 960x960 paddle fp32 240.3 / 137.9, ort fp32 1.09x / 1.06x, openvino fp32
+1.71x / 1.85x, openvino int8 3.21x / 3.18x; the run's pruned det INT8 on OpenVINO 3.71x / 3.54x (64.8 / 39.0 ms,
+1.15x / 1.11x the baseline's OpenVINO INT8), its baseline re-export on Paddle 1.02x / 1.03x (the shipped file's
+speed); rec 3x48x320 paddle fp32 39.6 / 36.5, ort fp32 2.23x / 1.83x, openvino fp32 3.24x / 2.99x, openvino int8
+5.06x / 4.50x. OpenVINO INT8 vs paddle fp32 on held-out images: det binary-map agreement 0.9987, rec sequences
 0.9375 (frames 0.9875); IR weights det 1.99 MB, rec 3.54 MB (float 4.69, 10.77).
 
 Measured ``--batches 1 --threads 1 --repeats 21 --rebuild --variants all`` (AMD EPYC 2 vCPU, AVX2 only, ONNX
