@@ -107,13 +107,13 @@ def run_with_backoff(config_path, overrides, stage_sections, dry_run=False, log=
     cfg = load_config(config_path, overrides, stage_sections)
     settings = backoff_config(cfg)
     run_dir = os.path.abspath(cfg.Global.run_dir)
-    command = stable_hash("backoff", cfg.merged, list(overrides))
+    command = stable_hash("backoff", cfg.merged)  # the merged config holds the -o overrides
     attempts = load_attempts(run_dir, command)
+    extra = [o for attempt in attempts for o in step_overrides(attempt["step"], attempt["models"])]
+    runner = Runner(load_config(config_path, list(overrides) + extra, stage_sections) if extra else cfg)
     while True:
-        extra = [o for attempt in attempts for o in step_overrides(attempt["step"], attempt["models"])]
         if attempts:
             log(f"back-off {describe(attempts[-1])}")
-        runner = Runner(load_config(config_path, list(overrides) + extra, stage_sections) if extra else cfg)
         try:
             return runner.run(dry_run=dry_run)
         except GateError as exc:
@@ -126,12 +126,12 @@ def run_with_backoff(config_path, overrides, stage_sections, dry_run=False, log=
             if settings.time_budget_min is not None and spent >= settings.time_budget_min:
                 raise GateError(f"{exc}{tried}; Backoff.time_budget_min ({settings.time_budget_min:g}) spent "
                                 f"({spent:.1f} min)", models=exc.models) from None
-            attempts.append({"number": len(attempts) + 2, "models": list(exc.models),
-                             "step": dict(settings.steps[len(attempts)]), "reason": str(exc),
-                             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            attempt = {"number": len(attempts) + 2, "models": list(exc.models),
+                       "step": dict(settings.steps[len(attempts)]), "reason": str(exc),
+                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            extra += step_overrides(attempt["step"], attempt["models"])
             # the step must make a valid config (every stage section parsed) before it is recorded
-            Runner(load_config(config_path, list(overrides) + extra + step_overrides(attempts[-1]["step"],
-                                                                                   attempts[-1]["models"]),
-                               stage_sections))
+            runner = Runner(load_config(config_path, list(overrides) + extra, stage_sections))
+            attempts.append(attempt)
             atomic_write_json(os.path.join(run_dir, RECORD_FILE), {"command": command, "attempts": attempts})
 

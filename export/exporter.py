@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from compress.checkpoint import atomic_write_bytes
 from compress.errors import InputError
 from export.deploy import export_input_shape
 from export.predictor import ModelFiles, create_predictor, find_model_files
@@ -101,18 +102,13 @@ def fold_conv_bias_reshapes(model_file):
     """
     from paddle.base import core
 
-    scratch = model_file + ".tmp"
     try:
         with open(model_file, "rb") as handle:
             program = core.ProgramDesc(handle.read())
         folded = _fold_bias_reshapes(program)
         if folded:
-            with open(scratch, "wb") as handle:
-                handle.write(program.serialize_to_string())
-            os.replace(scratch, model_file)
+            atomic_write_bytes(model_file, program.serialize_to_string())
     except Exception as error:  # an optimisation: never fail an export because of it
-        if os.path.exists(scratch):
-            os.remove(scratch)
         logger.warning("left %s as paddle.jit.save wrote it: rewriting its conv biases failed (%s: %s)",
                        model_file, type(error).__name__, error)
         return 0

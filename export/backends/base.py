@@ -16,10 +16,10 @@ from compress.registry import BACKENDS
 
 # metadata of an INT8 ONNX file naming the one runtime it was calibrated and checked for; others refuse it
 INT8_RUNTIME_KEY = "ppocr_compress.int8_runtime"
-# deploy.yml's ``Model.files`` key of each model format
 # How PaddleOCR runs a model on CPU: where the pipeline evaluates its own checkpoints, the backend a deploy bundle
 # defaults to, and the "x the speed of the Paddle baseline" every delivery is quoted against.
 REFERENCE_BACKEND = "paddle_cpu"
+# deploy.yml's ``Model.files`` key of each model format
 FILES_KEYS = {"pdmodel": "paddle", "json": "paddle", "onnx": "onnx", "openvino": "openvino"}
 
 
