@@ -28,6 +28,7 @@ backend; the stage passes when at least one backend does. Otherwise the gate fai
 model is never changed: the INT8 models sit beside it in the checkpoint (``int8/``, ``int8_onnx/``).
 """
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -40,6 +41,7 @@ from compress.errors import ConfigError
 from compress.fidelity import validate_fidelity_limits
 from compress.stages.base import Stage, StageResult, register_stage
 from export.backends import PtqJob, backend_names, get_backend
+from export.backends.openvino_runtime import FLOAT_OP_TYPES as OPENVINO_FLOAT_OP_TYPES
 from finetune.trainer import DistillConfig, TaskTrainConfig
 
 DEFAULT_BACKENDS = ("paddle_cpu", "onnxruntime")
@@ -95,6 +97,8 @@ class QuantConfig:
     bias_correction: Literal["fast", "full"] = "fast"  # NNCF's (OpenVINO INT8): fast, or its full BiasCorrection
     # OpenVINO INT8: convs doing fewer multiply-adds per activation element stay float (0: all but depth-wise)
     openvino_min_macs_per_element: float = 0.0
+    # OpenVINO INT8: OpenVINO op types NNCF leaves float (depth-wise convs, the matrix products of rec's neck / head)
+    openvino_float_op_types: List[str] = OPENVINO_FLOAT_OP_TYPES
     eval_limit: Optional[int] = None
     threads: int = 1  # predictor threads while evaluating
     on_gate_fail: Literal["stop", "continue"] = "continue"
@@ -113,6 +117,10 @@ class QuantConfig:
             raise ConfigError(f"{where}.backends: {list(self.backends)} lists a backend twice")
         if self.max_metric_drop < 0:
             raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points, got {self.max_metric_drop}")
+        for op_type in self.openvino_float_op_types:
+            if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", str(op_type)):
+                raise ConfigError(f"{where}.openvino_float_op_types: {op_type!r} is not an OpenVINO op type; use "
+                                  f"names such as {', '.join(OPENVINO_FLOAT_OP_TYPES)}")
         validate_fidelity_limits(self, where)
 
 

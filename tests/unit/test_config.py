@@ -156,3 +156,15 @@ def test_old_drop_keys_name_their_new_key_in_points(section, old):
     with pytest.raises(ConfigError, match=rf"^{section}.{old} was renamed: use {section}.max_metric_drop \(in points"):
         parse_section(cls, {old: 0.01}, section)
     assert parse_section(cls, {"max_metric_drop": 2.5}, section).max_metric_drop == 2.5
+
+
+def test_openvino_float_op_types_must_be_op_type_names():
+    from compress.config import parse_section
+    from compress.stages.quant import QuantConfig
+
+    cfg = parse_section(QuantConfig, {"openvino_float_op_types": ["GroupConvolution"]}, "Quant")
+    cfg.validate("Quant")
+    assert list(cfg.openvino_float_op_types) == ["GroupConvolution"]
+    with pytest.raises(ConfigError, match=r"^Quant\.openvino_float_op_types: 'matmul' is not an OpenVINO op type; "
+                                          r"use names such as GroupConvolution, MatMul$"):
+        parse_section(QuantConfig, {"openvino_float_op_types": ["matmul"]}, "Quant").validate("Quant")

@@ -50,6 +50,32 @@ def quant_model_dir(tmp_path_factory):
     return _save(net, tmp_path_factory.mktemp("quant_ov"))
 
 
+class _ConvThenLinear:
+    """A conv feature map read as a sequence by a Linear layer (PP-OCRv4 rec's neck and CTC head in small)."""
+
+    @staticmethod
+    def build():
+        import paddle
+
+        class Net(paddle.nn.Layer):
+            def __init__(self):
+                super().__init__()
+                self.conv = paddle.nn.Conv2D(3, 32, 3, padding=1)
+                self.fc = paddle.nn.Linear(32, 16)
+
+            def forward(self, x):
+                features = paddle.nn.functional.relu(self.conv(x)).mean(axis=2)  # N, C, W
+                return self.fc(features.transpose([0, 2, 1]))
+
+        paddle.seed(2)
+        return Net()
+
+
+@pytest.fixture(scope="module")
+def linear_model_dir(tmp_path_factory):
+    return _save(_ConvThenLinear.build(), tmp_path_factory.mktemp("linear_ov"))
+
+
 def _inputs(shape, seed=0):
     return {"x": np.random.default_rng(seed).normal(size=shape).astype(np.float32)}
 
@@ -98,7 +124,8 @@ def _ptq_job(model_dir, out_dir, task="det"):
     job = PtqJob(folded_dir=model_dir, out_dir=str(out_dir), work_dir=str(out_dir), calibration=calibration,
                  evaluate=evaluate, main_metric="score", task=task,
                  options=types.SimpleNamespace(max_metric_drop=1.0, max_skipped=0, bias_correction="fast",
-                                               openvino_min_macs_per_element=0.0))
+                                               openvino_min_macs_per_element=0.0,
+                                               openvino_float_op_types=ovr.FLOAT_OP_TYPES))
     return job, probe, outputs
 
 
@@ -186,6 +213,27 @@ def test_light_convs_stay_float_above_a_work_threshold(quant_model_dir, tmp_path
     int8 = [names for names, precision in runtime.items() if precision in ("i8", "u8")]
     assert len(int8) == 1 and "conv2d_1.tmp_0" in int8[0].split(",")
     assert sorted(runtime.values()).count("f32") == 3
+
+
+def _fake_quantized_inputs(model, op_type):
+    """{friendly name: are any of its inputs FakeQuantize outputs} of the ops of ``op_type`` in an INT8 model."""
+    return {op.get_friendly_name(): any(op.input_value(i).get_node().get_type_name() == "FakeQuantize"
+                                        for i in range(op.get_input_size()))
+            for op in model.get_ops() if op.get_type_name() == op_type}
+
+
+def test_matmuls_stay_float_by_default_and_are_quantized_when_not_listed(linear_model_dir):
+    model = ovr.ov_core().read_model(os.path.join(linear_model_dir, "inference.pdmodel"))
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.normal(size=(2, 3, 8, w)).astype(np.float32)} for w in (16, 24, 20)]
+    default = ovr.FLOAT_OP_TYPES
+    assert default == ("GroupConvolution", "MatMul")
+    kept, settings = ovr.nncf_quantize(model, calibration, "rec")
+    assert settings["float_op_types"] == list(default)
+    assert list(_fake_quantized_inputs(kept, "Convolution").values()) == [True]
+    assert list(_fake_quantized_inputs(kept, "MatMul").values()) == [False]
+    quantized, _ = ovr.nncf_quantize(model, calibration, "rec", float_op_types=("GroupConvolution",))
+    assert list(_fake_quantized_inputs(quantized, "MatMul").values()) == [True]
 
 
 def test_compile_properties_follow_the_deploy_config():
