@@ -120,18 +120,74 @@ def run_with_backoff(config_path, overrides, stage_sections, dry_run=False, log=
             if dry_run or not exc.models or not settings.steps:
                 raise
             tried = f"; back-off tried: {'; '.join(describe(a) for a in attempts)}" if attempts else ""
-            if len(attempts) >= len(settings.steps):
-                raise GateError(f"{exc}{tried}; no Backoff.steps left", models=exc.models) from None
+            index, models = _next_step(runner.cfg, settings, _step_index(attempts[-1]) + 1 if attempts else 0,
+                                       list(exc.models), log)
+            if index is None:
+                raise GateError(f"{exc}{tried}; no Backoff.steps left that change {', '.join(exc.models)}",
+                                models=exc.models) from None
             spent = (clock() - started) / 60.0
             if settings.time_budget_min is not None and spent >= settings.time_budget_min:
                 raise GateError(f"{exc}{tried}; Backoff.time_budget_min ({settings.time_budget_min:g}) spent "
                                 f"({spent:.1f} min)", models=exc.models) from None
-            attempt = {"number": len(attempts) + 2, "models": list(exc.models),
-                       "step": dict(settings.steps[len(attempts)]), "reason": str(exc),
+            attempt = {"number": len(attempts) + 2, "models": models, "step_index": index,
+                       "step": dict(settings.steps[index]), "reason": str(exc),
                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             extra += step_overrides(attempt["step"], attempt["models"])
             # the step must make a valid config (every stage section parsed) before it is recorded
             runner = Runner(load_config(config_path, list(overrides) + extra, stage_sections))
             attempts.append(attempt)
             atomic_write_json(os.path.join(run_dir, RECORD_FILE), {"command": command, "attempts": attempts})
+
+
+def _step_index(attempt):
+    """The ``Backoff.steps`` index an attempt used (records written before steps could be skipped: in order)."""
+    return attempt.get("step_index", attempt["number"] - 2)
+
+
+def _next_step(cfg, settings, start, models, log):
+    """The first step from ``start`` on that changes how at least one of ``models`` is compressed, and those
+    models: ``(index, models)``, or ``(None, [])`` when no step is left. A step whose keys the models' stage
+    configs ignore (``inert_keys``: e.g. ``Prune.flops_target`` for a model pruned with ``mode: uniform``) would
+    only repeat the failed attempt; it is skipped with a log line."""
+    for index in range(start, len(settings.steps)):
+        step = settings.steps[index]
+        changed = [model for model in models if any(_applies(cfg, key, model) for key in step)]
+        if changed:
+            return index, changed
+        keys = ", ".join(step)
+        log(f"back-off step {index + 1} ({keys}) skipped: it does not change {', '.join(models)} "
+            f"(the {'key is' if len(step) == 1 else 'keys are'} not used with {_why_inert(cfg, step, models)})")
+    return None, []
+
+
+def _stage_config(cfg, section, model):
+    from compress.config import parse_section
+    from compress.stages.base import STAGES
+
+    stage = next((STAGES.get(name) for name in cfg.pipeline if STAGES.get(name).section == section), None)
+    if stage is None or stage.config_cls is None:
+        return None
+    return parse_section(stage.config_cls, cfg.stage_section(section, model), f"{cfg.source_file}: {section}")
+
+
+def _applies(cfg, key, model):
+    """Does ``Section.key`` change what the pipeline does for ``model``? False when the section's stage is not
+    in the pipeline or the model's config ignores the key."""
+    section, name = key.split(".")
+    parsed = _stage_config(cfg, section, model)
+    if parsed is None:
+        return False
+    inert = getattr(parsed, "inert_keys", None)
+    return name not in (inert() if inert else ())
+
+
+def _why_inert(cfg, step, models):
+    reasons = []
+    for key in step:
+        section = key.split(".")[0]
+        for model in models:
+            parsed = _stage_config(cfg, section, model)
+            reasons.append(f"{model}'s {section}.mode {parsed.mode}" if parsed is not None and hasattr(parsed, "mode")
+                           else f"{section} for {model}")
+    return ", ".join(dict.fromkeys(reasons))
 

@@ -94,6 +94,10 @@ class TGate(Stage):
 @dataclass(frozen=True)
 class LevelConfig:
     level: float = 1.0
+    mode: str = "level"  # fixed: level 1.0 whatever ``level`` says (as Prune.mode uniform ignores flops_target)
+
+    def inert_keys(self):
+        return {"level"} if self.mode == "fixed" else set()
 
 
 class TLevel(Stage):
@@ -105,9 +109,10 @@ class TLevel(Stage):
         import paddle
         CALLS.append((self.name, ctx.model_name))
         _maybe_die(self.name, ctx)
+        level = 1.0 if cfg.mode == "fixed" else cfg.level
         for p in model.parameters():
-            p.set_value(p + paddle.full_like(p, cfg.level * 1e-3))
-        return StageResult(model=model, metrics={"level": cfg.level}, weights_changed=True)
+            p.set_value(p + paddle.full_like(p, level * 1e-3))
+        return StageResult(model=model, metrics={"level": level}, weights_changed=True)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,27 @@ def test_a_missing_model_is_retried_milder_until_it_passes_and_only_it(tmp_path)
                                                                 "back-off attempt 3: a with TLevel.level=0.2"]
 
 
+def test_a_step_the_model_does_not_use_is_skipped_not_run(tmp_path):
+    # a's TLevel ignores ``level`` (mode fixed): the first step would only repeat the failed attempt
+    config = write_config(str(tmp_path), PIPELINE, extra=SECTIONS_TEXT.replace("{b: {level: 0.1}}",
+                                                                               "{a: {mode: fixed}, b: {level: 0.1}}")
+                          + "Backoff: {steps: [{TLevel.level: 0.5}, {TLevel.mode: level, TLevel.level: 0.2}]}\n")
+    lines = []
+    manifest = run_with_backoff(config, [], SECTIONS, log=lines.append)
+    attempts = load_attempts(os.path.join(str(tmp_path), "run"))
+    assert [(a["number"], a["step_index"], a["models"]) for a in attempts] == [(2, 1, ["a"])]
+    assert "back-off step 1 (TLevel.level) skipped: it does not change a (the key is not used with a's TLevel.mode " \
+           "fixed)" in lines
+    assert CALLS.count(("t_level", "a")) == 2 and manifest.entry("t_level_gate", "a")["metrics"]["level"] == 0.2
+    # with no step left that changes it, the gate error says so
+    (tmp_path / "again").mkdir()
+    config = write_config(str(tmp_path / "again"), PIPELINE, extra=SECTIONS_TEXT.replace(
+        "{b: {level: 0.1}}", "{a: {mode: fixed}, b: {level: 0.1}}") + "Backoff: {steps: [{TLevel.level: 0.5}]}\n")
+    with pytest.raises(GateError, match=r"level 1.0 > 0.3; head stays on 't_level'; no Backoff.steps left that "
+                                        r"change a$"):
+        run_with_backoff(config, [], SECTIONS, log=lambda line: None)
+
+
 def test_the_same_command_after_success_runs_nothing(tmp_path):
     config = _config(tmp_path)
     run_with_backoff(config, [], SECTIONS, log=lambda line: None)
