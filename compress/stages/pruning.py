@@ -43,6 +43,10 @@ class SensitivityConfig:
     skip: List[str] = DEFAULT_SKIP  # fnmatch globs of conv weights / layers left out (the first conv always is)
     split: Literal["calibration", "eval"] = "calibration"  # labelled data the metric loss is measured on
     limit: Optional[int] = 8  # samples of that split per evaluation
+    # metric: the task's main metric on the split's labels; output: 1 - the relative L2 distance of the model's
+    # outputs (det probability map, rec character probabilities) to the unpruned model's on the split's images,
+    # labels unused: a continuous loss that tells apart layers the metric of a few samples cannot
+    measure: Literal["metric", "output"] = "metric"
     round_to: int = 8
     top_k: int = 5  # most sensitive layers labelled in the plot
     compensate: bool = True  # bias compensation of the removed channels' means, as the prune stage applies it
@@ -83,6 +87,26 @@ def activation_stats(model, cfg, ctx):
                                     grams=grams)
 
 
+def output_fidelity_fn(model, batches):
+    """``fidelity(candidate) -> 1 - mean relative L2 distance`` of a candidate's outputs to ``model``'s on
+    ``batches`` (per sample ``||y - y_ref|| / ||y_ref||``); the reference outputs are computed here, once."""
+    import numpy as np
+
+    def outputs(candidate):
+        predict = dygraph_predictor(candidate)
+        return [predict(batch).reshape(len(batch), -1) for batch in batches]
+
+    reference = outputs(model)
+    norms = [np.linalg.norm(ref, axis=1) + 1e-12 for ref in reference]
+
+    def fidelity(candidate):
+        errors = [np.linalg.norm(out - ref, axis=1) / norm
+                  for out, ref, norm in zip(outputs(candidate), reference, norms)]
+        return float(1.0 - np.concatenate(errors).mean())
+
+    return fidelity
+
+
 def _trace(model, ctx):
     from compress.pruning.trace import trace_model
     return trace_model(model, [ctx.task.example_input()])
@@ -109,9 +133,13 @@ class SensitivityStage(Stage):
         task = ctx.task
         main = task.main_metric
 
-        def eval_fn(candidate):
-            return task.evaluate(dygraph_predictor(candidate), split=cfg.split, limit=cfg.limit,
-                                 desc="sensitivity eval")[main]
+        if cfg.measure == "output":
+            main = "output_fidelity"
+            eval_fn = output_fidelity_fn(model, list(task.input_batches(cfg.split, limit=cfg.limit)))
+        else:
+            def eval_fn(candidate):
+                return task.evaluate(dygraph_predictor(candidate), split=cfg.split, limit=cfg.limit,
+                                     desc="sensitivity eval")[main]
 
         os.makedirs(ctx.work_dir, exist_ok=True)
         task.show_progress, shown = False, task.show_progress  # one bar for the whole analysis, not per eval
@@ -174,8 +202,14 @@ class PruneConfig:
     """``Prune`` section."""
 
     criterion: str = "l1_norm"  # l1_norm | bn_scale | fpgm | activation | obs
-    mode: Literal["flops_target", "loss_budget", "uniform"] = "flops_target"
+    mode: Literal["flops_target", "latency_target", "loss_budget", "uniform"] = "flops_target"
     flops_target: float = 0.4  # flops_target: fraction of FLOPs to remove, ratios chosen from the sensitivity
+    # latency_target: fraction of the latency measured on latency_backend (per layer, compress.pruning.latency)
+    # to remove, ratios chosen from the sensitivity by loss per millisecond saved
+    latency_target: float = 0.2
+    latency_backend: str = "openvino"
+    latency_precision: Literal["fp32", "int8"] = "int8"  # int8: the NNCF model the quant stage would make
+    latency_repeats: int = 20
     # loss_budget: per layer, the largest ratio whose main-metric loss stays within this many points
     max_metric_drop: float = 1.0
     ratio: float = 0.3  # uniform: the same ratio for every prunable conv
@@ -209,11 +243,27 @@ class PruneConfig:
             raise ConfigError(f"{where}.reconstruct_rows: must be >= 1, got {self.reconstruct_rows}")
         if not 0.0 < self.flops_target < 1.0:
             raise ConfigError(f"{where}.flops_target: must be in (0, 1), got {self.flops_target}")
+        if not 0.0 < self.latency_target < 1.0:
+            raise ConfigError(f"{where}.latency_target: must be in (0, 1), got {self.latency_target}")
+        if self.mode == "latency_target":
+            from compress.pruning.latency import LATENCY_BACKENDS
+            if self.latency_backend not in LATENCY_BACKENDS:
+                raise ConfigError(f"{where}.latency_backend: {self.latency_backend!r} has no per-layer profiling "
+                                  f"here; use {', '.join(LATENCY_BACKENDS)}")
+        if self.latency_repeats < 1:
+            raise ConfigError(f"{where}.latency_repeats: must be >= 1, got {self.latency_repeats}")
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"{where}.ratio: must be in [0, 1), got {self.ratio}")
 
     def pipeline_requires(self):
         return () if self.mode == "uniform" else ("sensitivity",)
+
+    def inert_keys(self):
+        """Keys this config's ``mode`` does not read (a back-off step that sets only those changes nothing)."""
+        latency = {"latency_target", "latency_backend", "latency_precision", "latency_repeats"}
+        used = {"uniform": {"ratio"}, "flops_target": {"flops_target"}, "latency_target": latency,
+                "loss_budget": {"max_metric_drop"}}[self.mode]
+        return ({"ratio", "flops_target", "max_metric_drop"} | latency) - used
 
 
 @register_stage
@@ -226,7 +276,21 @@ class PruneStage(Stage):
     allowed_after = ("baseline", "sensitivity", "eval", "finetune")
     summary = "structured filter pruning"
 
-    def plan(self, model, cfg, ctx, stats=None, trace=None):
+    @staticmethod
+    def latency_table(model, cfg, ctx):
+        """The per-layer latency of ``model`` on ``Prune.latency_backend`` (:mod:`compress.pruning.latency`),
+        measured once per weights and settings in the run's ``work/latency/<model>/``."""
+        from compress.pruning.latency import cached_latency_table
+        calibration = None
+        if cfg.latency_precision == "int8":
+            name = ctx.model_cfg.Input.name
+            calibration = [{name: batch} for batch in ctx.task.input_batches("calibration", limit=cfg.stats_limit)]
+        return cached_latency_table(os.path.join(ctx.run_dir, "work", "latency", ctx.model_name), model,
+                                    ctx.model_cfg, backend=cfg.latency_backend, precision=cfg.latency_precision,
+                                    threads=ctx.global_cfg.threads, repeats=cfg.latency_repeats,
+                                    calibration=calibration)
+
+    def plan(self, model, cfg, ctx, stats=None, trace=None, latency_table=None):
         """The pruning plan for ``model`` (nothing is changed)."""
         from compress.pruning.criteria import bind_criterion
         from compress.pruning.plan import make_plan
@@ -248,6 +312,12 @@ class PruneStage(Stage):
             _, plan, _ = ratios_for_flops_target(sens, None, cfg.flops_target, None, model, trace,
                                                  criterion=criterion, round_to=cfg.round_to)
             return plan
+        if cfg.mode == "latency_target":
+            from compress.pruning.latency import ratios_for_latency_target
+            table = latency_table if latency_table is not None else self.latency_table(model, cfg, ctx)
+            _, plan, _ = ratios_for_latency_target(sens, cfg.latency_target, table, model, trace,
+                                                   criterion=criterion, round_to=cfg.round_to)
+            return plan
         ratios = {k: v for k, v in ratios_from_loss_budget(sens, None, cfg.max_metric_drop / 100.0).items() if v > 0}
         return make_plan(model, None, ratios, criterion, round_to=cfg.round_to, trace=trace)
 
@@ -256,7 +326,8 @@ class PruneStage(Stage):
         from compress.pruning.plan import apply_plan, format_plan
         started = time.time()
         trace, stats = _trace(model, ctx), activation_stats(model, cfg, ctx)
-        plan = self.plan(model, cfg, ctx, stats=stats, trace=trace)
+        table = self.latency_table(model, cfg, ctx) if cfg.mode == "latency_target" else None
+        plan = self.plan(model, cfg, ctx, stats=stats, trace=trace, latency_table=table)
         if not plan.tensors:  # e.g. mode uniform with ratio 0: the model stays as it is, weights not saved again
             atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
             return StageResult(model=model, metadata={"plan": json.loads(plan.to_json())},
@@ -281,10 +352,16 @@ class PruneStage(Stage):
                        params_reduction=round(plan.params_reduction, 4), plan_seconds=round(plan_seconds, 1))
         pruned = sum(1 for d in plan.decisions if d.status == "pruned")
         metadata = {"plan": json.loads(plan.to_json())}
+        if table is not None:
+            from compress.pruning.latency import latency_reduction
+            metadata["latency_table"] = table.to_json()
+            metrics["latency_reduction_estimated"] = round(latency_reduction(table, plan), 4)
         if compensation is not None:
             metadata["compensation"] = {"layers": compensation.layers, "skipped": compensation.skipped,
                                         "calibration_samples": stats.samples}
-        message = (f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, "
+        latency = (f"{table.backend} {table.precision} latency -{metrics['latency_reduction_estimated']:.0%} "
+                   f"(estimated from its per-layer times), " if table is not None else "")
+        message = (f"FLOPs -{plan.flops_reduction:.0%}, params -{plan.params_reduction:.0%}, {latency}"
                    f"{pruned} convs pruned ({cfg.criterion}{', bias-compensated' if compensation is not None else ''})")
         if reconstruction is not None:
             metadata["reconstruction"] = reconstruction.to_json()
@@ -316,7 +393,13 @@ class PruneStage(Stage):
 
     def dry_run(self, model, cfg, ctx):
         from compress.pruning.plan import format_plan
-        return format_plan(self.plan(model, cfg, ctx))
+        if cfg.mode != "latency_target":
+            return format_plan(self.plan(model, cfg, ctx))
+        from compress.pruning.latency import latency_reduction
+        table = self.latency_table(model, cfg, ctx)
+        plan = self.plan(model, cfg, ctx, latency_table=table)
+        return (f"{format_plan(plan)}\nlatency: {table.summary()}; the plan removes an estimated "
+                f"{latency_reduction(table, plan):.1%}")
 
 
 def _skipped(sens, patterns):
