@@ -253,11 +253,12 @@ def parameters_digest(model):
     return digest.hexdigest()[:16]
 
 
-def cached_latency_table(cache_dir, model, model_cfg, **settings):
+def cached_latency_table(cache_dir, model, model_cfg, write=True, **settings):
     """:func:`measure_latency_table`, measured once per model weights and settings and kept in ``cache_dir``.
 
     Timings vary from run to run, and the plan follows them: a resumed run, a back-off attempt or a ``--dry-run``
-    must plan against the same table, so it is stored (atomically) and read back.
+    must plan against the same table, so it is stored (atomically) and read back. ``write=False`` (``--dry-run``)
+    reads a stored table but stores none.
     """
     from compress.checkpoint import atomic_write_json
     from compress.config import stable_hash
@@ -276,8 +277,9 @@ def cached_latency_table(cache_dir, model, model_cfg, **settings):
             except (ValueError, TypeError):
                 pass  # unreadable: measured again below
     table = measure_latency_table(model, model_cfg, **settings)
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_write_json(path, table.to_json())
+    if write:
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write_json(path, table.to_json())
     return table
 
 

@@ -286,7 +286,8 @@ class PruneStage(Stage):
             name = ctx.model_cfg.Input.name
             calibration = [{name: batch} for batch in ctx.task.input_batches("calibration", limit=cfg.stats_limit)]
         return cached_latency_table(os.path.join(ctx.run_dir, "work", "latency", ctx.model_name), model,
-                                    ctx.model_cfg, backend=cfg.latency_backend, precision=cfg.latency_precision,
+                                    ctx.model_cfg, write=not ctx.dry_run, backend=cfg.latency_backend,
+                                    precision=cfg.latency_precision,
                                     threads=ctx.global_cfg.threads, repeats=cfg.latency_repeats,
                                     calibration=calibration)
 

@@ -58,6 +58,8 @@ def test_cached_table_is_measured_once_per_weights(tiny, tmp_path, monkeypatch):
     latency.cached_latency_table(str(tmp_path), other, _model_cfg(), repeats=2)
     latency.cached_latency_table(str(tmp_path), net, _model_cfg(), repeats=3)  # other settings
     assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 3
+    latency.cached_latency_table(str(tmp_path / "dry"), net, _model_cfg(), write=False, repeats=2)
+    assert len(calls) == 4 and not (tmp_path / "dry").exists()  # --dry-run writes nothing
 
 
 def test_estimate_scales_own_time_by_elements_and_output_time_by_channels():
