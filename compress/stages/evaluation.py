@@ -27,16 +27,16 @@ def fidelity_reference(ctx):
     return baseline_reference(ctx.manifest, ctx.model_name, ctx.model_cfg)
 
 
-def fidelity_metrics(ctx, predict, desc=None):
+def fidelity_metrics(ctx, predict, desc=None, whole_split=False):
     """Agreement of ``predict`` with the baseline on the Fidelity split, on its ``stage_limit`` images spread over
-    it (empty dict without a Fidelity split). ``predict`` may be a dygraph model: it is then run as a Paddle
-    Inference predictor (:func:`inference_predict`)."""
+    it, or all of them with ``whole_split`` (empty dict without a Fidelity split). ``predict`` may be a dygraph
+    model: it is then run as a Paddle Inference predictor (:func:`inference_predict`)."""
     reference = fidelity_reference(ctx)
     if reference is None:
         return {}
     with inference_predict(predict, ctx) as run:
         return measure_fidelity(ctx.task, run, reference, desc=desc or f"fidelity {ctx.model_name}",
-                                limit=ctx.model_cfg.Fidelity.stage_limit)
+                                limit=None if whole_split else ctx.model_cfg.Fidelity.stage_limit)
 
 
 def measure_model(ctx, model, desc, limit=None, split="eval"):

@@ -91,6 +91,9 @@ class QuantConfig:
     # in points: overall, and for the worst script (rec: latin / cjk / mixed). null: not gated
     max_fidelity_drop: Optional[float] = None
     max_script_fidelity_drop: Optional[float] = None
+    # the Fidelity lines the gate counts: stage (Fidelity.stage_limit of them, spread over the split) or all (those
+    # the compare stage judges the exported model on: a per-script gate on a few dozen lines passes by chance)
+    fidelity_split: Literal["stage", "all"] = "stage"
     fallback_candidates: int = 6  # layers tried for keeping float, most input channels first
     max_skipped: int = 3  # at most this many layers stay float
     fallback_limit: Optional[int] = None  # Calibration samples used to rank the fallback candidates
@@ -233,7 +236,8 @@ class QuantStage(Stage):
         for precision, path in paths.items():
             deploy = build_deploy_config(ctx.model_cfg.task, ctx.model_cfg.Input, backend, precision, settings)
             measured[precision] = fidelity_metrics(ctx, _predict_fn(path, deploy, ctx.model_cfg.Input.name),
-                                                   desc=f"fidelity {backend} {precision}")
+                                                   desc=f"fidelity {backend} {precision}",
+                                                   whole_split=cfg.fidelity_split == "all")
             for key, value in measured[precision].items():
                 if not key.startswith("fidelity_lines") and key != "fidelity_boxes":
                     metrics[f"{key}_{backend}_{precision}"] = value

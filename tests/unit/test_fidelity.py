@@ -199,3 +199,20 @@ def test_rec_agreement_on_the_lines_the_baseline_reads_confidently():
     ref = FidelityReference("rec", ["a", "b", "c", "d"], reference, [0.99, 0.97, 0.4, 0.96])
     assert ref.confident(0.95) == [True, True, False, True] and ref.confident(0.95, [1, 2]) == [True, False]
     assert ref.confident(None) is None and FidelityReference("det", ["a"], [[]]).confident(0.9) is None
+
+
+def test_stage_fidelity_counts_the_stage_subset_or_the_whole_split(monkeypatch):
+    import types
+
+    from compress.stages import evaluation
+
+    limits = []
+    monkeypatch.setattr(evaluation, "fidelity_reference", lambda ctx: "reference")
+    monkeypatch.setattr(evaluation, "measure_fidelity",
+                        lambda task, run, reference, desc=None, limit=None: limits.append(limit) or {"fidelity": 1.0})
+    ctx = types.SimpleNamespace(task="task", model_name="rec",
+                                model_cfg=types.SimpleNamespace(Fidelity=types.SimpleNamespace(stage_limit=1000)))
+    predict = lambda images: images  # noqa: E731 (not a paddle Layer: run as given)
+    assert evaluation.fidelity_metrics(ctx, predict) == {"fidelity": 1.0}
+    evaluation.fidelity_metrics(ctx, predict, whole_split=True)  # Quant.fidelity_split: all, as compare counts
+    assert limits == [1000, None]
