@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 ALGOS = ("hist", "abs_max", "avg", "KL", "mse")
 MODEL_FILENAME = "inference.pdmodel"
 PARAMS_FILENAME = "inference.pdiparams"
-CYCLE_ATTEMPTS = 4  # isolated PTQ runs tried when Paddle 2.6 reports a graph cycle (see quantize_post_static)
+CYCLE_ATTEMPTS = 4  # isolated PTQ runs tried on Paddle's graph-cycle error; a safety net (see quantize_post_static)
 _CYCLE_ERROR = "Generated graph shouldn't contain cycle"
 # weight input slot per quantisable op type: the weight's name identifies a layer in skip lists
 WEIGHT_SLOTS = {"conv2d": "Filter", "depthwise_conv2d": "Filter", "conv2d_transpose": "Filter",
@@ -163,6 +163,118 @@ def _check_args(algo, quantizable_op_type):
         raise ConfigError(f"quantizable_op_type {unknown} not supported; use some of {', '.join(WEIGHT_SLOTS)}")
 
 
+def make_single_assignment(program):
+    """Rename variables of a static program so that each one is written by a single op (SSA form), in place.
+
+    Why PTQ needs it: Paddle 2.6's quantisation passes key their bookkeeping by variable *name*, while the IR
+    graph they edit (``IrGraph``) has one var node per write. ``AddQuantDequantForInferencePass``, the last pass
+    of ``PostTrainingQuantization._update_program``, inserts one quantize/dequantize pair per output name, after
+    whichever writer of that name it meets first in ``IrGraph.all_op_nodes()`` (a Python ``set`` of fresh
+    wrapper objects, so the order follows memory addresses and changes from run to run), then rewires every op
+    reading that name to the dequantized copy. When a name has two writers and the later one is met first, the
+    earlier readers -- the later writer itself, for an in-place op -- are rewired to a value computed from that
+    later writer: a cycle, which ``IrGraph.to_program`` (``graph_to_program_pass``, whose topological sort in
+    ``graph_helper.cc`` enforces acyclicity) reports as "Generated graph shouldn't contain cycle".
+    Our folded exports have such an op: ``save_inference_model`` (used by ``fold_affine_into_conv``) appends
+    ``scale(fetch var)`` with an output named from the process-wide unique-name counter, and when that name is
+    the fetch variable's own (``save_infer_model/scale_0.tmp_K``), the op is ``scale(X=v) -> Out=v``. With one
+    writer per name the pass has nothing to get wrong.
+
+    A name written more than once keeps its name at its last write (fetch targets keep their names; a fed
+    variable keeps it at the feed op) and takes a fresh name ``<name>.ssa_<k>`` at each other write; the reads
+    in between follow. Persistable variables (batch-norm ``MeanOut``/``VarianceOut`` are written in place; no
+    quantisation pass rewires them) and variables used in sub-blocks are left alone, so the parameters file
+    still matches the program.
+
+    Args:
+        program: a ``paddle.static.Program`` (changed in place; build it in static mode).
+
+    Returns:
+        list of ``(op index, op type, old name, new name)``, one per renamed write; empty when already SSA.
+    """
+    from paddle.base import core
+
+    block = program.global_block()
+    persistable = {var.name for var in program.list_vars() if var.persistable}
+    in_sub_blocks = {name for sub in program.blocks[1:] for op in sub.ops
+                     for name in op.input_arg_names + op.output_arg_names}
+    writers = {}
+    for index, op in enumerate(block.ops):
+        if op.type == "fetch":  # every fetch op writes the one ``fetch`` list
+            continue
+        for name in dict.fromkeys(op.output_arg_names):
+            if name not in persistable and name not in in_sub_blocks:
+                writers.setdefault(name, []).append(index)
+    keeper = {}  # name written several times -> index of the op whose write keeps the name
+    for name, indices in writers.items():
+        if len(indices) > 1:
+            fed = [index for index in indices if block.ops[index].type == "feed"]
+            keeper[name] = fed[0] if fed else indices[-1]
+    current, renamed = {}, []
+    for index, op in enumerate(block.ops):
+        for name in dict.fromkeys(op.input_arg_names):
+            if current.get(name, name) != name:
+                op._rename_input(name, current[name])
+        if op.type == "fetch":
+            continue
+        for name in dict.fromkeys(op.output_arg_names):
+            if name not in keeper:
+                continue
+            if index == keeper[name]:
+                current.pop(name, None)
+                continue
+            new_name = _unused_name(block, name)
+            var = block.var(name)
+            block.create_var(name=new_name, shape=var.shape, dtype=var.dtype, type=var.type,
+                             lod_level=var.lod_level if var.type == core.VarDesc.VarType.LOD_TENSOR else None,
+                             stop_gradient=var.stop_gradient)
+            op._rename_output(name, new_name)
+            current[name] = new_name
+            renamed.append((index, op.type, name, new_name))
+    return renamed
+
+
+def _unused_name(block, name):
+    k = 1
+    while block.has_var(f"{name}.ssa_{k}"):
+        k += 1
+    return f"{name}.ssa_{k}"
+
+
+def _single_assignment_model(files, folder):
+    """Where PTQ should read the float model: ``files`` as they are, or an SSA copy in ``folder``.
+
+    Applies :func:`make_single_assignment` to the program of ``files`` (a ``.pdmodel``); when it renames
+    something, writes the rewritten program and the unchanged parameters into ``folder``.
+
+    Returns:
+        (model dir, model file name, params file name or None).
+    """
+    import paddle
+
+    model_dir, model_name = os.path.split(files.model_file)
+    params_name = os.path.basename(files.params_file) if files.params_file else None
+    if not model_name.endswith(".pdmodel"):
+        return model_dir, model_name, params_name
+    with open(files.model_file, "rb") as handle:
+        data = handle.read()
+    with static_mode():
+        program = paddle.static.Program.parse_from_string(data)
+        renamed = make_single_assignment(program)
+        if not renamed:
+            return model_dir, model_name, params_name
+        if params_name:
+            os.makedirs(folder)
+            shutil.copyfile(files.params_file, os.path.join(folder, params_name))
+        else:  # one file per parameter beside the program
+            shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns(model_name))
+        with open(os.path.join(folder, model_name), "wb") as handle:
+            handle.write(program.desc.serialize_to_string())
+    logger.info("PTQ: %d variables written more than once renamed first (e.g. %s at op %d %s), see "
+                "make_single_assignment", len(renamed), renamed[0][2], renamed[0][0], renamed[0][1])
+    return folder, model_name, params_name
+
+
 class GraphCycleError(CompressError, ValueError):
     """Paddle 2.6's PTQ failed with its graph-cycle error on every attempt (a ValueError, as Paddle raises it)."""
 
@@ -170,10 +282,14 @@ class GraphCycleError(CompressError, ValueError):
 def quantize_post_static(float_model_dir, out_dir, calib_batches, *, isolated=True, **kwargs):
     """Quantise a float Paddle inference model with calibration data (static PTQ); see :func:`_quantize`.
 
-    With ``isolated`` (the default) the quantisation runs in a fresh ``spawn`` process: in a process that has
-    already created a Paddle Inference predictor, Paddle 2.6's PTQ fails with "Generated graph shouldn't contain
-    cycle" when it converts its graph back to a program. Fresh processes hit the same error at random too (2 of 6
-    identical runs on the pruned PP-OCRv4 det), so an isolated run is retried up to ``CYCLE_ATTEMPTS`` times.
+    With ``isolated`` (the default) the quantisation runs in a fresh ``spawn`` process, keeping Paddle's static
+    graph state out of the caller.
+
+    Paddle 2.6's PTQ used to fail at random with "Generated graph shouldn't contain cycle" (in fresh processes and
+    in processes holding a predictor alike) on models that write a variable twice, such as the in-place ``scale``
+    that ``fold_affine_into_conv`` can leave before the fetch; :func:`_quantize` now rewrites such programs first
+    (:func:`make_single_assignment`), which removes the cause. An isolated run hitting that error anyway is still
+    retried, up to ``CYCLE_ATTEMPTS`` times, as a safety net for causes not known yet.
     """
     if not isolated:
         return _quantize(float_model_dir, out_dir, calib_batches, **kwargs)
@@ -203,6 +319,9 @@ def _quantize(float_model_dir, out_dir, calib_batches, *, algo="hist", hist_perc
               batch_nums=None, quantizable_op_type=("conv2d", "depthwise_conv2d"),
               weight_quantize_type="channel_wise_abs_max", skip_tensor_list=None, onnx_format=True):
     """Quantise a float Paddle inference model with calibration data (static PTQ).
+
+    A program writing some variable more than once is first rewritten into a scratch copy where each variable is
+    written once (:func:`make_single_assignment`): Paddle 2.6's PTQ can build a cyclic graph from it otherwise.
 
     Args:
         float_model_dir: folder of the float inference model.
@@ -238,12 +357,12 @@ def _quantize(float_model_dir, out_dir, calib_batches, *, algo="hist", hist_perc
     os.makedirs(parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix=".ptq-", dir=parent)
     try:
+        model_dir, model_name, params_name = _single_assignment_model(files, os.path.join(work_dir, "float_ssa"))
         with static_mode(), paddle.static.scope_guard(paddle.static.Scope()):
             quant_post_static(
-                paddle.static.Executor(paddle.CPUPlace()), os.path.dirname(files.model_file), work_dir,
+                paddle.static.Executor(paddle.CPUPlace()), model_dir, work_dir,
                 data_loader=calibration_loader(batches, feed_names),
-                model_filename=os.path.basename(files.model_file),
-                params_filename=os.path.basename(files.params_file) if files.params_file else None,
+                model_filename=model_name, params_filename=params_name,
                 save_model_filename=MODEL_FILENAME, save_params_filename=PARAMS_FILENAME,
                 batch_nums=len(batches), algo=algo, hist_percent=hist_percent,
                 quantizable_op_type=list(quantizable_op_type), weight_quantize_type=weight_quantize_type,
