@@ -189,6 +189,7 @@ def measure_latency_table(model, model_cfg, backend="openvino", precision="fp32"
 
     from compress.pruning.trace import _tensor_names
     from compress.quant.fold import fold_affine_into_conv
+    from compress.quant.ptq import static_mode
     from export.backends.openvino_runtime import nncf_quantize, ov_core
     from export.exporter import export_inference_model
 
@@ -208,13 +209,8 @@ def measure_latency_table(model, model_cfg, backend="openvino", precision="fp32"
         model_dir = fold_affine_into_conv(os.path.join(folder, "float"), os.path.join(folder, "folded")).model_dir
         names = {tensor: structured for tensor, (structured, _, _) in _tensor_names(model).items()}
         shapes = {structured: list(param.shape) for structured, param in model.named_parameters()}
-        paddle.enable_static()
-        try:
-            program, _, _ = paddle.static.load_inference_model(os.path.join(model_dir, "inference"),
-                                                               paddle.static.Executor(paddle.CPUPlace()))
-        finally:
-            paddle.disable_static()
-        weighted = _weighted_outputs(program, names)
+        with static_mode(), open(os.path.join(model_dir, "inference.pdmodel"), "rb") as handle:
+            weighted = _weighted_outputs(paddle.static.Program.parse_from_string(handle.read()), names)
         ov_model = ov_core().read_model(os.path.join(model_dir, "inference.pdmodel"))
         if precision == "int8":  # on the dynamic-shape model: calibration pages differ in size
             ov_model, _ = nncf_quantize(ov_model, calibration, task)
@@ -305,7 +301,7 @@ def ratios_for_latency_target(sens, target_reduction, table, model, trace, crite
     Raises:
         ConfigError: when even the largest ratios of the grid do not reach the target.
     """
-    from compress.pruning.sensitivity import _losses
+    from compress.pruning.sensitivity import _losses, blend_to_target
 
     if not 0.0 < target_reduction < 1.0:
         raise ConfigError(f"latency reduction target must be in (0, 1), got {target_reduction!r}")
@@ -314,31 +310,33 @@ def ratios_for_latency_target(sens, target_reduction, table, model, trace, crite
         return make_plan(model, None, {k: v for k, v in ratios.items() if v > 0}, criterion, round_to=round_to,
                          trace=trace)
 
+    def reaches(plan):
+        return latency_reduction(table, plan) >= target_reduction
+
+    unpruned = table.estimate({})
     options = {}  # layer -> [(ratio, loss, latency saved alone)]
     for layer, curve in sens.items():
         options[layer] = [(ratio, max(loss, 0.0), 0.0 if ratio == 0 else
-                           table.estimate({}) - table.estimate(_plan_shapes(plan_of({layer: ratio}))))
+                           unpruned - table.estimate(_plan_shapes(plan_of({layer: ratio}))))
                           for ratio, loss in _losses(curve, None, grid)]
 
     def choose(lam):
         return {layer: max(points, key=lambda p: (lam * p[2] - p[1], -p[0]))[0] for layer, points in options.items()}
 
-    largest = {layer: points[-1][0] for layer, points in options.items()}
-    plan = plan_of(largest)
-    if latency_reduction(table, plan) < target_reduction:
+    plan = plan_of({layer: points[-1][0] for layer, points in options.items()})
+    if not reaches(plan):
         raise ConfigError(f"latency reduction target {target_reduction:.1%} is out of reach: the largest ratios of "
                           f"the sensitivity grid remove {latency_reduction(table, plan):.1%} of the estimated "
                           f"latency; lower Prune.latency_target or extend the grid / layers")
     free = choose(1e-12)  # layers that lose nothing take their largest saving
-    plan = plan_of(free)
-    if latency_reduction(table, plan) >= target_reduction:
-        return (*_blend(dict.fromkeys(free, 0.0), free, target_reduction, table, plan_of), 0.0)
+    if reaches(plan_of(free)):
+        return (*blend_to_target(dict.fromkeys(free, 0.0), free, reaches, plan_of), 0.0)
     low, high = 1e-12, 1.0
-    while latency_reduction(table, plan_of(choose(high))) < target_reduction:
+    while not reaches(plan_of(choose(high))):
         high *= 4.0
     for _ in range(60):
         middle = math.sqrt(low * high)
-        if latency_reduction(table, plan_of(choose(middle))) >= target_reduction:
+        if reaches(plan_of(choose(middle))):
             high = middle
         else:
             low = middle
@@ -347,22 +345,5 @@ def ratios_for_latency_target(sens, target_reduction, table, model, trace, crite
     # layers switch ratio in steps as lambda grows (several at the same lambda when their curves are alike): the
     # step at ``high`` is taken only as far as the target needs
     below, above = choose(low), choose(high)
-    ratios, plan = _blend(below, above, target_reduction, table, plan_of)
+    ratios, plan = blend_to_target(below, above, reaches, plan_of)
     return ratios, plan, high
-
-
-def _blend(below, above, target_reduction, table, plan_of):
-    """Ratios ``below + t * (above - below)`` with the smallest ``t`` in [0, 1] whose plan reaches the target."""
-    low, high = 0.0, 1.0
-    best = (above, plan_of(above))
-    for _ in range(30):
-        middle = (low + high) / 2
-        ratios = {layer: below[layer] + middle * (above[layer] - below[layer]) for layer in above}
-        plan = plan_of(ratios)
-        if latency_reduction(table, plan) >= target_reduction:
-            best, high = (ratios, plan), middle
-        else:
-            low = middle
-        if high - low < 1e-4:
-            break
-    return best

@@ -254,23 +254,29 @@ def ratios_for_flops_target(sens, baseline, target_reduction, grid, model, trace
 
 
 def _scaled_to_target(ratios, target_reduction, model, trace, criterion, round_to):
-    """Bisection on one factor applied to every ratio: the smallest scaling that reaches the FLOPs target."""
-    def plan_for(scale):
-        scaled = {layer: ratio * scale for layer, ratio in ratios.items()}
-        return scaled, make_plan(model, None, scaled, criterion, round_to=round_to, trace=trace)
+    """One factor applied to every ratio, bisected: the smallest scaling that reaches the FLOPs target."""
+    scaled, plan = blend_to_target(dict.fromkeys(ratios, 0.0), ratios,
+                                   lambda plan: plan.flops_reduction >= target_reduction,
+                                   lambda r: make_plan(model, None, r, criterion, round_to=round_to, trace=trace))
+    return scaled, plan, 0.0
 
+
+def blend_to_target(below, above, reaches, plan_of):
+    """Ratios ``below + t * (above - below)`` with the smallest ``t`` in [0, 1] whose plan ``reaches`` the target
+    (bisection; ``plan_of(ratios) -> plan``): ``(ratios, plan)``. With ``below`` all zeros: ``above`` scaled down."""
     low, high = 0.0, 1.0
-    best = plan_for(high)
+    best = (above, plan_of(above))
     for _ in range(30):
         middle = (low + high) / 2
-        scaled, plan = plan_for(middle)
-        if plan.flops_reduction >= target_reduction:
-            best, high = (scaled, plan), middle
+        ratios = {layer: below[layer] + middle * (above[layer] - below[layer]) for layer in above}
+        plan = plan_of(ratios)
+        if reaches(plan):
+            best, high = (ratios, plan), middle
         else:
             low = middle
         if high - low < 1e-4:
             break
-    return best[0], best[1], 0.0
+    return best
 
 
 def _mean_loss(curve, baseline):

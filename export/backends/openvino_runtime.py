@@ -179,7 +179,7 @@ def light_convolutions(model, min_macs_per_element):
 
 def nncf_quantize(model, calibration, task, fast_bias_correction=True, min_macs_per_element=0,
                   float_op_types=FLOAT_OP_TYPES):
-    """NNCF post-training INT8 of an ``openvino.Model``: NNCF's defaults, with :data:`FLOAT_OP_TYPES` left float.
+    """NNCF post-training INT8 of an ``openvino.Model``: NNCF's defaults, with ``float_op_types`` left float.
 
     Args:
         model: the float model (dynamic input shapes are fine: NNCF runs one inference per calibration item).
@@ -189,6 +189,7 @@ def nncf_quantize(model, calibration, task, fast_bias_correction=True, min_macs_
             its full BiasCorrection, which re-runs each quantized layer's sub-graph (rec: about 2x the time).
         min_macs_per_element: convs doing fewer multiply-adds per activation element stay float
             (:func:`light_convolutions`); 0: every conv but the depth-wise ones is quantized.
+        float_op_types: OpenVINO op types NNCF leaves float (default :data:`FLOAT_OP_TYPES`).
 
     Returns:
         (quantized model, the settings used: ``model_type``, ``overflow_fix``, ``float_op_types``,
