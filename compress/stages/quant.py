@@ -98,6 +98,11 @@ class QuantConfig:
     max_skipped: int = 3  # at most this many layers stay float
     fallback_limit: Optional[int] = None  # Calibration samples used to rank the fallback candidates
     bias_correction: Literal["fast", "full"] = "fast"  # NNCF's (OpenVINO INT8): fast, or its full BiasCorrection
+    # PTQ weights of the backends that derive their grid as max|W[c]| / 127 (OpenVINO): nearest (the backend's own
+    # rounding) or gptq (each conv's rounding errors compensated on its calibration inputs first,
+    # compress.quant.weight_rounding)
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    weight_rounding_damp: float = 0.01
     # OpenVINO INT8: convs doing fewer multiply-adds per activation element stay float (0: all but depth-wise)
     openvino_min_macs_per_element: float = 0.0
     # OpenVINO INT8: OpenVINO op types NNCF leaves float (depth-wise convs, the matrix products of rec's neck / head)
@@ -120,6 +125,8 @@ class QuantConfig:
             raise ConfigError(f"{where}.backends: {list(self.backends)} lists a backend twice")
         if self.max_metric_drop < 0:
             raise ConfigError(f"{where}.max_metric_drop: must be >= 0 points, got {self.max_metric_drop}")
+        if not self.weight_rounding_damp > 0:
+            raise ConfigError(f"{where}.weight_rounding_damp: must be > 0, got {self.weight_rounding_damp}")
         for op_type in self.openvino_float_op_types:
             if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", str(op_type)):
                 raise ConfigError(f"{where}.openvino_float_op_types: {op_type!r} is not an OpenVINO op type; use "
@@ -173,8 +180,13 @@ class QuantStage(Stage):
             metadata["qat"] = self._train_qat(model, calib, cfg, ctx, qdq_dir)
             metrics[f"{main}_fake_quant"] = metadata["qat"]["fake_quant_metric"]
             metrics["qat_steps"] = metadata["qat"]["steps"]
+        rounded_dir, rounding = None, None
+        grid_backends = [b for b in cfg.backends if get_backend(b).int8_weight_grid]
+        if cfg.method == "ptq" and cfg.weight_rounding == "gptq" and grid_backends:
+            rounded_dir, rounding = self._gptq_rounded(model, calib, cfg, ctx, work, grid_backends[0])
+            metadata["weight_rounding"] = rounding
         job = PtqJob(folded_dir=folded_dir, out_dir=ctx.out_dir, work_dir=work, calibration=calib, evaluate=evaluate,
-                     main_metric=main, task=model_cfg.task, options=cfg)
+                     main_metric=main, task=model_cfg.task, options=cfg, rounded_dir=rounded_dir, rounding=rounding)
         for backend in cfg.backends:
             started = time.time()
             result = get_backend(backend).from_qdq(job, qdq_dir) if qdq_dir else get_backend(backend).ptq(job)
@@ -212,6 +224,8 @@ class QuantStage(Stage):
         if qdq_dir:
             qat = metadata["qat"]
             summary = f"QAT {qat['steps']} steps, fake-quant {qat['fake_quant_metric']:.4f}; {summary}"
+        if rounding:
+            summary = f"{summary}; {', '.join(grid_backends)} weights: {rounding['summary']}"
         if not passed_backends:
             advice = ("raise Quant.qat.max_steps or lr, or quantize fewer layer types" if qdq_dir else
                       "raise Quant.max_skipped / fallback_candidates, try algo hist, or use method qat")
@@ -221,6 +235,27 @@ class QuantStage(Stage):
                                        f"({summary}{'; ' + fidelity_failures if fidelity_failures else ''}); "
                                        f"{advice}")
         return StageResult(model=model, metrics=metrics, metadata=metadata, message=f"INT8 {summary}")
+
+    def _gptq_rounded(self, model, calib, cfg, ctx, work, backend):
+        """The float model with its dense-conv weights GPTQ-rounded onto ``backend``'s INT8 grid, exported and folded
+        as ``folded_dir`` is: (folder, rounding record). ``model`` itself is restored afterwards."""
+        from compress.quant.fold import fold_affine_into_conv
+        from compress.quant.weight_rounding import round_to_int8_grid
+        from export.exporter import export_inference_model
+
+        input_name = ctx.model_cfg.Input.name
+        saved = {name: value.numpy().copy() for name, value in model.state_dict().items()}
+        try:
+            report = round_to_int8_grid(model, [item[input_name] for item in calib], damp=cfg.weight_rounding_damp,
+                                        skip=get_backend(backend).weight_rounding_skip(cfg),
+                                        show_progress=ctx.task.show_progress)
+            float_dir = os.path.join(work, "rounded_float")
+            export_inference_model(model, float_dir, ctx.model_cfg.Input, ctx.model_cfg.task)
+        finally:
+            for name, value in model.state_dict().items():
+                value.set_value(saved[name])
+        folded = fold_affine_into_conv(float_dir, os.path.join(work, "rounded_folded")).model_dir
+        return folded, dict(report.to_json(), summary=report.summary())
 
     def _fidelity(self, result, backend, cfg, ctx, settings, metrics):
         """Agreement with the baseline of the float and the INT8 model on ``backend``, recorded in ``result`` and

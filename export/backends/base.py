@@ -97,6 +97,10 @@ class PtqJob:
         main_metric: key of the task's main metric in those metrics (higher is better).
         task: ``det`` or ``rec``.
         options: the ``Quant`` section (algo, max_metric_drop, max_skipped, ...: compress.stages.quant.QuantConfig).
+        rounded_dir: the same model with its dense-conv weights GPTQ-rounded onto the per-channel INT8 grid
+            (``Quant.weight_rounding: gptq``), or None; a backend with ``int8_weight_grid`` quantizes it instead of
+            ``folded_dir`` (its float reference stays ``folded_dir``).
+        rounding: what the rounding did (``RoundingReport.to_json()``), or None.
     """
 
     folded_dir: str
@@ -107,6 +111,8 @@ class PtqJob:
     main_metric: str
     task: str
     options: object
+    rounded_dir: Optional[str] = None
+    rounding: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +177,9 @@ class Backend:
             runtime's INT8 file.
         checked_against: a backend whose float outputs the export also compares this one's with (its model is
             converted from that backend's), or None.
+        int8_weight_grid: its INT8 recipe stores conv weights as ``q * max|W[c]| / 127`` per output channel, so
+            weights GPTQ-rounded onto that grid beforehand (``Quant.weight_rounding: gptq``,
+            :mod:`compress.quant.weight_rounding`) keep their values; it then quantizes ``PtqJob.rounded_dir``.
         summary: one line for ``--help`` texts and the report.
     """
 
@@ -181,6 +190,7 @@ class Backend:
     int8_dir = None
     int8_format = None
     checked_against = None
+    int8_weight_grid = False
     summary = ""
 
     @property
@@ -213,6 +223,11 @@ class Backend:
         settings for a model of ``task`` with the ``Input`` section ``input_cfg``, checked; ``settings`` is the
         export's :class:`export.deploy.DeploySettings`."""
         return deploy
+
+    def weight_rounding_skip(self, options):
+        """For a backend with ``int8_weight_grid``: ``skip(name, layer) -> reason or ""`` naming the dense convs its
+        INT8 recipe leaves float or quantizes on another grid (``options``: the ``Quant`` section)."""
+        return lambda name, layer: ""
 
     def dry_run_lines(self, ranges):
         """What ``--dry-run`` prints about this backend's deploy configs, given the export's dynamic input ranges

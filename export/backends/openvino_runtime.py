@@ -78,6 +78,7 @@ class OpenVino(Backend):
     formats = ("pdmodel", "onnx", "openvino")
     int8_dir = OPENVINO_INT8_DIR
     int8_format = "openvino"
+    int8_weight_grid = True  # NNCF: symmetric narrow-range int8 weights, scale max|W[c]| / 127
     summary = "OpenVINO on CPU (Paddle, ONNX or IR models; INT8 through NNCF)"
 
     def unavailable(self, capabilities):
@@ -139,6 +140,8 @@ class OpenVino(Backend):
         float_ir, int8_ir = os.path.join(out_dir, FLOAT_IR), os.path.join(out_dir, INT8_IR)
         model = read_model(find_model_files(job.folded_dir))
         openvino.save_model(model, float_ir, compress_to_fp16=False)
+        if job.rounded_dir:
+            model = read_model(find_model_files(job.rounded_dir))
         quantized, settings = nncf_quantize(model, job.calibration, job.task,
                                             fast_bias_correction=job.options.bias_correction == "fast",
                                             min_macs_per_element=job.options.openvino_min_macs_per_element,
@@ -148,7 +151,25 @@ class OpenVino(Backend):
                 "int8_metric": job.evaluate(int8_ir, self.name, "int8")[main],
                 "float_bytes": ir_bytes(float_ir), "int8_bytes": ir_bytes(int8_ir), "dir": self.int8_dir,
                 "files": {"fp32": FLOAT_IR, "int8": INT8_IR}, "float_model": float_ir, "int8_model": int8_ir,
-                **settings}
+                "weight_rounding": "gptq" if job.rounded_dir else "nearest", **settings}
+
+    def weight_rounding_skip(self, options):
+        from compress.quant.onnx_int8 import macs_per_element
+
+        float_types = set(options.openvino_float_op_types)
+
+        def skip(name, layer):
+            if "Convolution" in float_types:
+                return "Quant.openvino_float_op_types keeps Convolution float"
+            if layer._in_channels <= 3:
+                return "reads the image: NNCF quantizes it with the overflow fix's grid on CPUs without VNNI"
+            kernel = [int(k) for k in layer._kernel_size]
+            stride = int(np.prod([int(s) for s in layer._stride]))
+            work = macs_per_element(layer._in_channels, layer._out_channels, kernel, stride)
+            if options.openvino_min_macs_per_element and work < options.openvino_min_macs_per_element:
+                return "light conv: stays float (Quant.openvino_min_macs_per_element)"
+            return ""
+        return skip
 
 
 def _nncf():

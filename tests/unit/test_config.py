@@ -158,6 +158,17 @@ def test_old_drop_keys_name_their_new_key_in_points(section, old):
     assert parse_section(cls, {"max_metric_drop": 2.5}, section).max_metric_drop == 2.5
 
 
+def test_weight_rounding_names_its_choices_and_needs_a_positive_damping():
+    from compress.config import parse_section
+    from compress.stages.quant import QuantConfig
+
+    assert parse_section(QuantConfig, {}, "Quant").weight_rounding == "nearest"
+    with pytest.raises(ConfigError, match=r"Quant\.weight_rounding.*'adaround'.*nearest.*gptq"):
+        parse_section(QuantConfig, {"weight_rounding": "adaround"}, "Quant")
+    with pytest.raises(ConfigError, match=r"^Quant\.weight_rounding_damp: must be > 0, got 0\.0$"):
+        parse_section(QuantConfig, {"weight_rounding": "gptq", "weight_rounding_damp": 0.0}, "Quant").validate("Quant")
+
+
 def test_openvino_float_op_types_must_be_op_type_names():
     from compress.config import parse_section
     from compress.stages.quant import QuantConfig
