@@ -140,3 +140,29 @@ def test_openvino_leaves_the_convs_nncf_keeps_float_or_quantizes_on_another_grid
     skip = ovr.OpenVino().weight_rounding_skip(types.SimpleNamespace(
         openvino_float_op_types=("Convolution",), openvino_min_macs_per_element=0.0))
     assert "keeps Convolution float" in skip("pw", dense)
+
+
+def test_the_quant_stage_exports_a_rounded_copy_and_leaves_its_model_as_it_was(tmp_path):
+    import types
+
+    import paddle
+
+    from compress.config import InputConfig
+    from compress.stages.quant import QuantConfig, QuantStage
+    from export.predictor import DeployConfig, create_predictor
+
+    net = _net()
+    net.eval()
+    before = {name: value.numpy().copy() for name, value in net.state_dict().items()}
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(size=(2, 3, 12, 16)).astype("float32")} for _ in range(3)]
+    ctx = types.SimpleNamespace(model_cfg=types.SimpleNamespace(Input=InputConfig(name="x"), task="det"),
+                                task=types.SimpleNamespace(show_progress=False))
+    cfg = QuantConfig(backends=["openvino"], weight_rounding="gptq")
+    folder, record = QuantStage()._gptq_rounded(net, calib, cfg, ctx, str(tmp_path), "openvino")
+    assert all(np.array_equal(value.numpy(), before[name]) for name, value in net.state_dict().items())
+    assert [layer["layer"] for layer in record["layers"]] == ["4", "6"] and "GPTQ-rounded" in record["summary"]
+    exported = create_predictor(folder, DeployConfig(backend="paddle_cpu", precision="fp32")).run(calib[0])[0]
+    unrounded = net(paddle.to_tensor(calib[0]["x"])).numpy()
+    difference = np.abs(exported - unrounded).max()
+    assert 1e-6 * np.abs(unrounded).max() < difference < 0.05 * np.abs(unrounded).max()  # the rounded copy
