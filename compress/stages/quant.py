@@ -7,7 +7,9 @@ calibration data two ways:
 * ``paddle_cpu``: PaddleSlim ``quant_post_static`` (QDQ ops, int8 weights, scales inside the model, so TensorRT
   can use it with ``use_calib_mode=False``), run by Paddle Inference with oneDNN INT8 on convolutions;
 * ``onnxruntime``: paddle2onnx of the float model, then ONNX Runtime ``quantize_static`` on the dense convs and
-  matmuls (7-bit weights on CPUs without VNNI).
+  matmuls (7-bit weights on CPUs without VNNI);
+* ``openvino``: NNCF post-training quantization of the OpenVINO model; with ``weight_rounding: gptq`` its input is
+  a copy whose dense-conv weights were first GPTQ-rounded onto NNCF's grid (:mod:`compress.quant.weight_rounding`).
 
 When the Paddle INT8 model loses more than ``max_metric_drop``, the layers whose quantization hurts most (measured on the
 Calibration split) stay float and PTQ is retried.
@@ -186,7 +188,7 @@ class QuantStage(Stage):
             rounded_dir, rounding = self._gptq_rounded(model, calib, cfg, ctx, work, grid_backends[0])
             metadata["weight_rounding"] = rounding
         job = PtqJob(folded_dir=folded_dir, out_dir=ctx.out_dir, work_dir=work, calibration=calib, evaluate=evaluate,
-                     main_metric=main, task=model_cfg.task, options=cfg, rounded_dir=rounded_dir, rounding=rounding)
+                     main_metric=main, task=model_cfg.task, options=cfg, rounded_dir=rounded_dir)
         for backend in cfg.backends:
             started = time.time()
             result = get_backend(backend).from_qdq(job, qdq_dir) if qdq_dir else get_backend(backend).ptq(job)

@@ -100,7 +100,6 @@ class PtqJob:
         rounded_dir: the same model with its dense-conv weights GPTQ-rounded onto the per-channel INT8 grid
             (``Quant.weight_rounding: gptq``), or None; a backend with ``int8_weight_grid`` quantizes it instead of
             ``folded_dir`` (its float reference stays ``folded_dir``).
-        rounding: what the rounding did (``RoundingReport.to_json()``), or None.
     """
 
     folded_dir: str
@@ -112,7 +111,6 @@ class PtqJob:
     task: str
     options: object
     rounded_dir: Optional[str] = None
-    rounding: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
