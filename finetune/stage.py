@@ -207,7 +207,9 @@ class FinetuneStage(Stage):
                     fidelity_gate(metrics, cfg.max_fidelity_drop, cfg.max_script_fidelity_drop,
                                   setting="Finetune.max_fidelity_drop")]
         failure = "; ".join(f for f in failures if f)
+        curve = {"history": result.history}  # the selection metric at every evaluation: the recovery curve
         if failure:
             model.set_state_dict(input_weights)
-            return StageResult(model=model, metrics=metrics, passed=False, message=f"{failure} ({message})")
-        return StageResult(model=model, metrics=metrics, weights_changed=True, message=message)
+            return StageResult(model=model, metrics=metrics, passed=False, message=f"{failure} ({message})",
+                               metadata=curve)
+        return StageResult(model=model, metrics=metrics, weights_changed=True, message=message, metadata=curve)

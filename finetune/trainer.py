@@ -104,6 +104,9 @@ class TrainConfig:
     distill: DistillConfig = DistillConfig()
     label_loss_weight: float = 1.0  # weight of PP-OCR's loss on the labels; 0: learn from the teacher alone
     fast_cpu_ops: bool = True  # faster formulations of conv biases / affine blocks (finetune.fast_ops)
+    # train: BatchNorm layers normalise by each batch and update their running statistics (PP-OCR's training);
+    # frozen: they keep normalising by the running statistics of the input model, only their scale / shift train
+    batch_norm: Literal["train", "frozen"] = "train"
 
     def validate(self, where):
         if self.epochs < 1:
@@ -506,6 +509,17 @@ def build_optimizer(model, config, total_steps):
     return optimizer, schedule
 
 
+def freeze_batch_norm(model):
+    """Put every BatchNorm layer of a training model into inference mode: it normalises by its running statistics
+    and leaves them as they are, while its scale and shift still receive gradients (a frozen BatchNorm, as
+    detection fine-tuning does with small batches). Returns the number of layers frozen."""
+    layers = [layer for layer in model.sublayers(include_self=True)
+              if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
 def copy_weights(model):
     """A numpy copy of ``model.state_dict()`` (parameters and BN statistics), for ``set_state_dict`` later."""
     return {name: value.numpy().copy() for name, value in model.state_dict().items()}
@@ -635,6 +649,8 @@ class Trainer:
         started = time.time()
         paddle.seed(item_seed(self.seed, "dropout", state["step"], paddle.distributed.get_rank()))
         self.net.train()
+        if self.config.batch_norm == "frozen":
+            freeze_batch_norm(self.model)
         images = batch[0]
         labelled = images.shape[0]
         if self.unlabeled is not None:

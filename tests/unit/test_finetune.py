@@ -201,6 +201,26 @@ def test_loss_decreases_in_a_few_steps(demo_dir):
     assert loss_on_batch() < 0.95 * before
 
 
+def _batch_norm_state(model):
+    norms = [layer for layer in model.sublayers()
+             if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))]
+    return norms, {name: value.numpy().copy() for name, value in model.state_dict().items()
+                   if any(name.endswith(key) for key in ("_mean", "_variance"))}
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+def test_frozen_batch_norm_keeps_running_statistics_and_trains_scale_and_shift(demo_dir, mode):
+    trainer = make_trainer(demo_dir, max_steps=3, lr=1e-2, batch_norm=mode)
+    norms, stats_before = _batch_norm_state(trainer.model)
+    scales_before = [layer.weight.numpy().copy() for layer in norms]
+    assert len(norms) >= 5 and len(stats_before) == 2 * len(norms)
+    trainer.fit()
+    _, stats_after = _batch_norm_state(trainer.model)
+    unchanged = [np.array_equal(stats_before[name], stats_after[name]) for name in stats_before]
+    assert all(unchanged) if mode == "frozen" else not any(unchanged)
+    assert not any(np.array_equal(before, layer.weight.numpy()) for before, layer in zip(scales_before, norms))
+
+
 def test_resume_after_kill_continues_and_matches_uninterrupted_run(demo_dir, tmp_path):
     reference = make_trainer(demo_dir, str(tmp_path / "ref"), evaluator=WeightNormEvaluator(), save_every=2,
                              eval_every=3)
@@ -323,6 +343,9 @@ def test_stage_passes_gate_and_saves_weights(demo_dir, tmp_path):
     assert entry["status"] == "done" and "model.pdparams" in entry["files"]
     assert entry["metrics"]["steps"] == 2 and "hmean" in entry["metrics"] and "seconds_per_step" in entry["metrics"]
     assert "best at step" in lines[-1]
+    with open(os.path.join(manifest.abs_dir(entry), "stage.json")) as handle:
+        history = json.load(handle)["metadata"]["history"]  # the recovery curve: step 0 and every eval_every
+    assert [h["step"] for h in history] == [0, 2] and all("hmean" in h for h in history)
 
 
 def test_stage_gate_failure_stops_with_message(demo_dir, tmp_path, monkeypatch):
