@@ -11,6 +11,9 @@ the agreement with Paddle FP32 on held-out images. Nothing is downloaded: calibr
   openvino fp32         the shipped Paddle program read by OpenVINO
   openvino int8         NNCF INT8 of it, the quant stage's recipe (``export.backends.openvino_runtime.nncf_quantize``:
                         NNCF defaults, model_type TRANSFORMER for rec, depthwise convs float)
+  openvino int8-nncf    what a user would write instead of this project: ``nncf.quantize(model, dataset)`` with
+                        nothing else set but ``model_type=TRANSFORMER`` for rec (every conv and MatMul quantized,
+                        NNCF's own overflow-fix default)
 
 ``--variants all`` adds the older Paddle and ONNX Runtime INT8 variants (slower to build; Paddle PTQ runs in a
 child process):
@@ -32,6 +35,11 @@ vs paddle fp32, 1 thread / 2 threads: det 960x960 paddle fp32 240.3 / 137.9, ort
 speed); rec 3x48x320 paddle fp32 39.6 / 36.5, ort fp32 2.23x / 1.83x, openvino fp32 3.24x / 2.99x, openvino int8
 5.06x / 4.50x. OpenVINO INT8 vs paddle fp32 on held-out images: det binary-map agreement 0.9987, rec sequences
 0.9375 (frames 0.9875); IR weights det 1.99 MB, rec 3.54 MB (float 4.69, 10.77).
+
+Measured ``--threads 1,2 --run output/final8`` (AMD EPYC with AVX-512 VNNI, 2 vCPU, 3m59s), p50 ms 1 / 2 threads:
+det 960x960 paddle fp32 191.9 / 118.6, openvino fp32 162.1 / 86.7, openvino int8 80.2 / 40.2, int8-nncf 75.1 / 39.0;
+the run's pruned det INT8 on OpenVINO 71.2 / 36.6 (1.05x / 1.07x int8-nncf); rec paddle fp32 25.8 / 24.3, openvino
+fp32 11.8 / 11.4, int8 7.7 / 7.0, int8-nncf 7.7 / 7.1, the run's INT8 rec 7.6 / 7.2.
 
 Measured ``--batches 1 --threads 1 --repeats 21 --rebuild --variants all`` (AMD EPYC 2 vCPU, AVX2 only, ONNX
 Runtime 1.31.1, machine shared with other jobs, load 2-4), p50 ms and x vs fp32-fold:
@@ -67,7 +75,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(ROOT, "data", "demo")
 MODEL_DIRS = {"det": "models/ch_PP-OCRv4_det_infer", "rec": "models/ch_PP-OCRv4_rec_infer"}
 BASELINE = ("paddle", "fp32")
-DEFAULT_VARIANTS = (("paddle", "fp32"), ("ort", "fp32"), ("openvino", "fp32"), ("openvino", "int8"))
+DEFAULT_VARIANTS = (("paddle", "fp32"), ("ort", "fp32"), ("openvino", "fp32"), ("openvino", "int8"),
+                    ("openvino", "int8-nncf"))
 OLDER_VARIANTS = (("paddle", "fp32-native"), ("paddle", "fp32-fold"), ("paddle", "int8"), ("ort", "fp32-fold"),
                   ("ort", "int8"), ("ort", "int8-full"))
 BACKENDS = {"paddle": "paddle_cpu", "ort": "onnxruntime", "openvino": "openvino"}
@@ -155,11 +164,13 @@ def build_variants(kind, args):
     paths = {"fold": os.path.join(root, "fold"), "ptq": os.path.join(root, "ptq_int8"),
              "onnx": os.path.join(root, "fp32.onnx"), "onnx_fold": os.path.join(root, "fp32_fold.onnx"),
              "onnx_int8": os.path.join(root, "int8.onnx"), "onnx_int8_full": os.path.join(root, "int8_full.onnx"),
-             "ov_int8": os.path.join(root, "openvino_int8", "model_int8.xml")}
+             "ov_int8": os.path.join(root, "openvino_int8", "model_int8.xml"),
+             "ov_int8_nncf": os.path.join(root, "openvino_int8_nncf", "model_int8.xml")}
     where = {("paddle", "fp32"): shipped, ("paddle", "fp32-native"): shipped, ("paddle", "fp32-fold"): paths["fold"],
              ("paddle", "int8"): paths["ptq"], ("ort", "fp32"): paths["onnx"], ("ort", "fp32-fold"): paths["onnx_fold"],
              ("ort", "int8"): paths["onnx_int8"], ("ort", "int8-full"): paths["onnx_int8_full"],
-             ("openvino", "fp32"): shipped, ("openvino", "int8"): paths["ov_int8"]}
+             ("openvino", "fp32"): shipped, ("openvino", "int8"): paths["ov_int8"],
+             ("openvino", "int8-nncf"): paths["ov_int8_nncf"]}
     builders = {"fold": lambda: _fold(shipped, paths["fold"]),
                 "ptq": lambda: _paddle_ptq(paths["fold"], paths["ptq"], calib(kind, args)),
                 "onnx": lambda: _export_onnx(shipped, paths["onnx"]),
@@ -167,7 +178,8 @@ def build_variants(kind, args):
                 "onnx_int8": lambda: _quantize_onnx(paths["onnx_fold"], paths["onnx_int8"], calib(kind, args), "dense"),
                 "onnx_int8_full": lambda: _quantize_onnx(paths["onnx_fold"], paths["onnx_int8_full"],
                                                          calib(kind, args), "full"),
-                "ov_int8": lambda: _openvino_int8(shipped, paths["ov_int8"], calib(kind, args), kind)}
+                "ov_int8": lambda: _openvino_int8(shipped, paths["ov_int8"], calib(kind, args), kind),
+                "ov_int8_nncf": lambda: _nncf_defaults_int8(shipped, paths["ov_int8_nncf"], calib(kind, args), kind)}
     needs = {"ptq": ["fold"], "onnx_fold": ["fold"], "onnx_int8": ["fold", "onnx_fold"],
              "onnx_int8_full": ["fold", "onnx_fold"]}
     wanted = [key for key, path in paths.items() if any(where[v] == path for v in args.variant_keys)]
@@ -212,6 +224,18 @@ def _openvino_int8(model_dir, xml_path, batches, kind):
     quantized, settings = nncf_quantize(read_model(find_model_files(model_dir)), batches, kind)
     openvino.save_model(quantized, xml_path)
     print(f"[build] {kind} openvino int8: {settings}", flush=True)
+
+
+def _nncf_defaults_int8(model_dir, xml_path, batches, kind):
+    import nncf
+    import openvino
+
+    from export.backends.openvino_runtime import read_model
+    from export.predictor import find_model_files
+
+    model_type = {"model_type": nncf.ModelType.TRANSFORMER} if kind == "rec" else {}
+    quantized = nncf.quantize(read_model(find_model_files(model_dir)), nncf.Dataset(batches), **model_type)
+    openvino.save_model(quantized, xml_path)
 
 
 def run_variants(run_dir, kind, threads, notes):
