@@ -13,7 +13,10 @@ OpenVINO (FP32, ``--threads``):
                      compare stage's ``Compare.settle_calls``)
 
 and prints each p50 and its ratio to ``alone``: fair timing keeps the ratio within noise of 1.00. Nothing is
-downloaded; the ONNX model is converted into a temporary folder.
+downloaded; the ONNX model is converted into a temporary folder. The machine's own speed drifts during a run
+(``alone`` moved up to 1.5x between the start and the end of one run on an AMD EPYC), so the run is repeated in
+``--rounds`` rounds, each timing ``alone`` and then every condition; a ratio is taken within its round, and the
+median over rounds is printed with its range.
 
 Measured (Xeon with VNNI and AMX, 2 vCPUs, 2 threads, ``--repeats 30``, ``KMP_BLOCKTIME`` 10 ms as
 ``compress/__init__.py`` sets it; 5 runs), p50 ms alone and ratios interleaved / +pause / +settle: paddle_cpu
@@ -22,6 +25,7 @@ Measured (Xeon with VNNI and AMX, 2 vCPUs, 2 threads, ``--repeats 30``, ``KMP_BL
 were 1.04-1.06 / 1.13-1.23 / 1.11-1.25.
 
 Usage: python benchmarks/bench_timing_fairness.py [--threads 2] [--repeats 30] [--pause-ms 250] [--settle 1]
+       [--rounds 5]
 """
 import os
 import sys
@@ -35,6 +39,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from compress.ppocr_compat import rapidocr_root  # noqa: E402
 from compress.timing import machine_info, time_interleaved  # noqa: E402
@@ -50,6 +55,7 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pause-ms", type=float, default=250.0)
     parser.add_argument("--settle", type=int, default=1, help="untimed calls of the same variant before each timed one")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, each timing alone and every condition")
     return parser.parse_args()
 
 
@@ -68,23 +74,29 @@ def main():
             deploy = DeployConfig(backend=backend, threads=args.threads, delete_passes=delete_passes_for("rec"))
             predictor = create_predictor(path, deploy)
             calls[backend] = (lambda p: lambda: p.run({"x": x}))(predictor)
-        alone = {k: time_interleaved({k: call}, args.warmup, args.repeats)[k].p50_ms for k, call in calls.items()}
-        mixed = {k: s.p50_ms for k, s in time_interleaved(calls, args.warmup, args.repeats).items()}
-        paused = {k: s.p50_ms for k, s in time_interleaved(calls, args.warmup, args.repeats,
-                                                            pause_s=args.pause_ms / 1000.0).items()}
-        settled = {k: s.p50_ms for k, s in time_interleaved(calls, args.warmup, args.repeats,
-                                                             settle=args.settle).items()}
+        conditions = {"interleaved": {}, "+pause": {"pause_s": args.pause_ms / 1000.0},
+                      "+settle": {"settle": args.settle}}
+        ratios = {name: {k: [] for k in calls} for name in conditions}
+        alone_ms = {k: [] for k in calls}
+        for _ in tqdm(range(args.rounds), desc="rounds"):
+            alone = {k: time_interleaved({k: call}, args.warmup, args.repeats)[k].p50_ms for k, call in calls.items()}
+            for name, options in conditions.items():
+                stats = time_interleaved(calls, args.warmup, args.repeats, **options)
+                for k in calls:
+                    ratios[name][k].append(stats[k].p50_ms / alone[k])
+            for k in calls:
+                alone_ms[k].append(alone[k])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = machine_info()
-    print(f"rec 1x3x48x320 FP32, {args.threads} threads, p50 of {args.repeats} calls; {info.get('cpu_model')}")
-    print(f"{'backend':<12} {'alone ms':>9} {'interleaved':>12} {'ratio':>6} {'+pause ms':>10} {'ratio':>6} "
-          f"{'+settle ms':>11} {'ratio':>6}")
-    for key in calls:
-        print(f"{key:<12} {alone[key]:>9.1f} {mixed[key]:>12.1f} {mixed[key] / alone[key]:>6.2f} "
-              f"{paused[key]:>10.1f} {paused[key] / alone[key]:>6.2f} {settled[key]:>11.1f} "
-              f"{settled[key] / alone[key]:>6.2f}")
-
+    print(f"rec 1x3x48x320 FP32, {args.threads} threads, p50 of {args.repeats} calls per condition, {args.rounds} "
+          f"rounds; {info.get('cpu_model')} ({', '.join(info.get('cpu_flags', []))})")
+    print("ratio: p50 in the condition / p50 alone in the same round; median over rounds [min, max]")
+    print(f"{'backend':<12} {'alone ms':>18} " + " ".join(f"{name:>20}" for name in conditions))
+    for k in calls:
+        low, high = min(alone_ms[k]), max(alone_ms[k])
+        cells = [f"{np.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]" for r in (ratios[n][k] for n in conditions)]
+        print(f"{k:<12} {np.median(alone_ms[k]):>6.1f} [{low:.1f}, {high:.1f}] " + " ".join(f"{c:>20}" for c in cells))
 
 if __name__ == "__main__":
     main()
