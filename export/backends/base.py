@@ -99,7 +99,8 @@ class PtqJob:
         options: the ``Quant`` section (algo, max_metric_drop, max_skipped, ...: compress.stages.quant.QuantConfig).
         rounded_dir: the same model with its dense-conv weights GPTQ-rounded onto the per-channel INT8 grid
             (``Quant.weight_rounding: gptq``), or None; a backend with ``int8_weight_grid`` quantizes it instead of
-            ``folded_dir`` (its float reference stays ``folded_dir``).
+            ``folded_dir`` (its float reference stays ``folded_dir``), and so may one whose grid is the same only on
+            some CPUs (ONNX Runtime: with VNNI, no ``reduce_range``).
     """
 
     folded_dir: str
@@ -177,7 +178,8 @@ class Backend:
             converted from that backend's), or None.
         int8_weight_grid: its INT8 recipe stores conv weights as ``q * max|W[c]| / 127`` per output channel, so
             weights GPTQ-rounded onto that grid beforehand (``Quant.weight_rounding: gptq``,
-            :mod:`compress.quant.weight_rounding`) keep their values; it then quantizes ``PtqJob.rounded_dir``.
+            :mod:`compress.quant.weight_rounding`) keep their values; it then quantizes ``PtqJob.rounded_dir``. The
+            rounding is made when a backend declaring this is in ``Quant.backends``, with its skip rule.
         summary: one line for ``--help`` texts and the report.
     """
 

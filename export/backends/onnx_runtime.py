@@ -7,6 +7,7 @@ matmuls (7-bit weights on CPUs without VNNI, see :mod:`compress.quant.onnx_int8`
 Paddle model to ``model.onnx`` (paddle2onnx) and checks it against the Paddle model; its ``int8/`` folder gets the
 quant stage's INT8 ONNX model, or a conversion of the Paddle QDQ model when the quant stage made none.
 """
+import dataclasses
 import glob
 import os
 import shutil
@@ -50,13 +51,25 @@ class OnnxRuntime(Backend):
         return os.path.join(folder, name) if name else None
 
     def ptq(self, job):
-        from compress.quant.onnx_int8 import build_onnx_int8
+        """``quantize_static`` of the folded model; of ``job.rounded_dir`` instead when the CPU has VNNI: its weights
+        then lie on ONNX Runtime's own grid (symmetric per channel, ``max|W[c]| / 127``; without VNNI the recipe
+        uses ``reduce_range``, ``max|W[c]| / 64``, and quantizes the float model). The float reference is always the
+        folded model."""
+        from compress.quant.onnx_int8 import build_onnx_int8, cpu_has_vnni, export_onnx, quantize_onnx
 
         main = job.main_metric
-        result = build_onnx_int8(job.folded_dir, os.path.join(job.out_dir, ONNX_INT8_DIR), job.calibration,
-                                 fold=False)
+        out_dir = os.path.join(job.out_dir, ONNX_INT8_DIR)
+        rounded = job.rounded_dir if job.rounded_dir and cpu_has_vnni() else None
+        if rounded:
+            float_onnx = export_onnx(job.folded_dir, os.path.join(out_dir, "model_fp32.onnx"))
+            rounded_onnx = export_onnx(rounded, os.path.join(job.work_dir, "onnx_rounded", "model_fp32.onnx"))
+            result = dataclasses.replace(quantize_onnx(rounded_onnx, os.path.join(out_dir, "model_int8.onnx"),
+                                                       job.calibration, reduce_range=False), float_onnx=float_onnx)
+        else:
+            result = build_onnx_int8(job.folded_dir, out_dir, job.calibration, fold=False)
         mark_int8_runtime(result.int8_onnx, self.name)
         return {"float_metric": job.evaluate(result.float_onnx, self.name, "fp32")[main],
+                "weight_rounding": "gptq" if rounded else "nearest",
                 "int8_metric": job.evaluate(result.int8_onnx, self.name, "int8")[main],
                 "float_bytes": os.path.getsize(result.float_onnx), "int8_bytes": os.path.getsize(result.int8_onnx),
                 "quantized_nodes": result.quantized_nodes, "reduce_range": result.reduce_range,

@@ -122,6 +122,45 @@ def test_nncf_reproduces_the_rounded_weights_exactly_after_export_and_folding(tm
     assert np.abs(weights[tuple(first.shape)] - first).max() > 1e-4 * np.abs(first).max()
 
 
+def _onnx_int8_weights(path):
+    """The float weights an ONNX QDQ model's convs compute with: int8 initializer x per-channel scale, by shape."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        q = init.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and q is not None and q.ndim == 4 and q.dtype == np.int8:
+            scale = init[node.input[1]].astype("float64")
+            weights[q.shape] = q.astype("float64") * scale.reshape(-1, 1, 1, 1)
+    return weights
+
+
+def test_onnx_runtime_reproduces_the_rounded_weights_exactly_without_reduce_range(tmp_path):
+    import paddle
+
+    from compress.quant.onnx_int8 import export_onnx, quantize_onnx
+
+    net = _net()
+    net.eval()
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(2, 3, 12, 16)).astype("float32") for _ in range(3)]
+    unrounded = net[4].weight.numpy().copy()
+    wr.round_to_int8_grid(net, batches, skip=_first_layer)
+    spec = [paddle.static.InputSpec([None, 3, None, None], "float32", "x")]
+    paddle.jit.save(net, str(tmp_path / "inference"), input_spec=spec)
+    float_onnx = export_onnx(str(tmp_path), str(tmp_path / "model_fp32.onnx"))
+    int8 = quantize_onnx(float_onnx, str(tmp_path / "model_int8.onnx"), [{"x": b} for b in batches],
+                         reduce_range=False, min_macs_per_element=0)
+    weights = _onnx_int8_weights(int8.int8_onnx)
+    for layer in (net[4], net[6]):
+        expected = layer.weight.numpy()
+        assert np.abs(weights[tuple(expected.shape)] - expected).max() <= 1e-6 * np.abs(expected).max()
+    assert np.abs(weights[unrounded.shape] - unrounded).max() > 1e-3 * np.abs(unrounded).max()  # GPTQ moved them
+
+
 def test_openvino_leaves_the_convs_nncf_keeps_float_or_quantizes_on_another_grid():
     import types
 
