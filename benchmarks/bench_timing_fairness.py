@@ -98,5 +98,6 @@ def main():
         cells = [f"{np.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]" for r in (ratios[n][k] for n in conditions)]
         print(f"{k:<12} {np.median(alone_ms[k]):>6.1f} [{low:.1f}, {high:.1f}] " + " ".join(f"{c:>20}" for c in cells))
 
+
 if __name__ == "__main__":
     main()

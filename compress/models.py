@@ -106,6 +106,15 @@ def build_architecture(arch_cfg):
                           f"check its `name:` and arguments against PaddleOCR's configs") from error
 
 
+def batch_norm_layers(model):
+    """``(structured name, layer)`` of every BatchNorm in ``model``: Paddle's ``BatchNorm1D/2D/3D`` and the older
+    ``paddle.nn.BatchNorm`` (with its fused activation) that PP-OCR's heads use, which does not derive from them."""
+    import paddle
+
+    return [(name, layer) for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))]
+
+
 def reparameterize(model):
     """Fuse every re-parameterisable layer into its deploy form, as PaddleOCR's export does.
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from compress.checkpoint import atomic_write_json, sha256_file
 from compress.errors import CheckpointError, CompressError, ConfigError
+from compress.models import batch_norm_layers
 from finetune.data import item_seed, start_epoch
 
 logger = logging.getLogger(__name__)
@@ -513,9 +514,8 @@ def freeze_batch_norm(model):
     """Put every BatchNorm layer of a training model into inference mode: it normalises by its running statistics
     and leaves them as they are, while its scale and shift still receive gradients (a frozen BatchNorm, as
     detection fine-tuning does with small batches). Returns the number of layers frozen."""
-    layers = [layer for layer in model.sublayers(include_self=True)
-              if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))]
-    for layer in layers:
+    layers = batch_norm_layers(model)
+    for _, layer in layers:
         layer.eval()
     return len(layers)
 

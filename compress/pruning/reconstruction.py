@@ -41,6 +41,7 @@ import paddle
 from tqdm import tqdm
 
 from compress.errors import ConfigError
+from compress.models import batch_norm_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,9 +615,8 @@ def reestimate_batchnorm(model, batches, layer_names=None):
     Returns:
         list[str]: the BatchNorm layers updated.
     """
-    targets = {name: layer for name, layer in model.named_sublayers()
-               if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))
-               and (layer_names is None or name in layer_names)}
+    targets = {name: layer for name, layer in batch_norm_layers(model)
+               if layer_names is None or name in layer_names}
     sums, squares, counts, hooks = {}, {}, {}, []
 
     def recorder(name):

@@ -15,7 +15,7 @@ import yaml
 from compress.config import ModelConfig, load_config, parse_section
 from compress.data.demo import DemoCounts, generate_demo_data
 from compress.errors import CheckpointError, GateError, InputError
-from compress.models import build_model
+from compress.models import batch_norm_layers, build_model
 from compress.tasks import make_task
 import finetune.stage  # noqa: F401  (registers the stage)
 from finetune.data import EpochBatchSampler, TransformDataset, make_train_loader, start_epoch
@@ -202,8 +202,7 @@ def test_loss_decreases_in_a_few_steps(demo_dir):
 
 
 def _batch_norm_state(model):
-    norms = [layer for layer in model.sublayers()
-             if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))]
+    norms = [layer for _, layer in batch_norm_layers(model)]
     return norms, {name: value.numpy().copy() for name, value in model.state_dict().items()
                    if any(name.endswith(key) for key in ("_mean", "_variance"))}
 
