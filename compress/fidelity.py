@@ -107,6 +107,15 @@ def rec_agreement(reference, candidate, confident=None):
     return out
 
 
+def box_iou(a, b):
+    """IoU of two text boxes (polygons as lists of ``[x, y]`` points, e.g. quads); 0.0 for degenerate ones."""
+    from shapely.geometry import Polygon
+
+    first, second = Polygon(a).buffer(0), Polygon(b).buffer(0)
+    union = first.union(second).area
+    return first.intersection(second).area / union if union > 0 else 0.0
+
+
 def det_agreement(reference, candidate, iou=DET_IOU):
     """Box agreement of candidate detections with the reference detections, page by page.
 

@@ -2,10 +2,9 @@
 precision / recall / hmean, CER, page latency) and their agreement with the baseline system on the Fidelity pages."""
 import compress  # noqa: F401  (imports zlib before paddle, see compress/__init__.py)
 
-import numpy as np
-
 from compress.compare.measure import variant_key, variant_label
 from compress.compare.variants import model_files_bytes
+from compress.fidelity import box_iou
 from compress.report import new_row
 from export.backends import REFERENCE_BACKEND
 
@@ -22,21 +21,11 @@ def read_e2e_pages(det_cfg, limit=None):
     return pages[:limit] if limit else pages
 
 
-def _box_iou(points_a, points_b):
-    """IoU of the axis-aligned bounding rectangles of two polygons."""
-    a, b = np.asarray(points_a, dtype="float64"), np.asarray(points_b, dtype="float64")
-    ax0, ay0, ax1, ay1 = a[:, 0].min(), a[:, 1].min(), a[:, 0].max(), a[:, 1].max()
-    bx0, by0, bx1, by1 = b[:, 0].min(), b[:, 1].min(), b[:, 0].max(), b[:, 1].max()
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def page_scores(truth, predicted, iou_threshold=0.5):
     """Word and character counts of one page.
 
     Words: whitespace-separated tokens of all lines, matched as multisets (order-free). Characters: each
-    ground-truth line is matched to the predicted line whose box overlaps it most (IoU >= ``iou_threshold``,
+    ground-truth line is matched to the predicted line whose polygon overlaps it most (IoU >= ``iou_threshold``,
     each predicted line used once) and scored by Levenshtein distance; an unmatched line costs its length.
 
     Args:
@@ -58,7 +47,7 @@ def page_scores(truth, predicted, iou_threshold=0.5):
               "lines": len(truth), "lines_exact": 0}
     unused = list(range(len(predicted)))
     for text, points in truth:
-        overlaps = [(_box_iou(points, predicted[i][1]), i) for i in unused]
+        overlaps = [(box_iou(points, predicted[i][1]), i) for i in unused]
         best_iou, best = max(overlaps, default=(0.0, None))
         guess = ""
         if best is not None and best_iou >= iou_threshold:

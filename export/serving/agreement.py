@@ -10,7 +10,7 @@
 import dataclasses
 from typing import Optional
 
-from compress.fidelity import DET_IOU, det_agreement, rec_agreement
+from compress.fidelity import DET_IOU, box_iou, det_agreement, rec_agreement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +28,6 @@ class Agreement:
     rec: Optional[float]
     rec_ned: Optional[float]
     matched: int
-
-
-def box_iou(a, b):
-    """IoU of two quads (lists of four ``[x, y]`` points); 0.0 for degenerate ones."""
-    from shapely.geometry import Polygon
-
-    first, second = Polygon(a).buffer(0), Polygon(b).buffer(0)
-    union = first.union(second).area
-    return first.intersection(second).area / union if union > 0 else 0.0
 
 
 def match_lines(reference, candidate, iou=DET_IOU):

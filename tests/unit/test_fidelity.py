@@ -7,8 +7,8 @@ import pytest
 from compress.checkpoint import Manifest
 from compress.errors import CheckpointError, InputError
 from compress.data.labels import list_images
-from compress.fidelity import (REFERENCE_FILE, FidelityReference, baseline_reference, det_agreement, fidelity_drops,
-                               fidelity_gate, normalized_similarity, rec_agreement, script_of, strip_label_ops)
+from compress.fidelity import (REFERENCE_FILE, FidelityReference, baseline_reference, box_iou, det_agreement,
+                               fidelity_drops, fidelity_gate, normalized_similarity, rec_agreement, script_of, strip_label_ops)
 from compress.report import new_row
 from compress.compare.rows import fidelity_failures, gate_summary
 from compress.stages.compare import CompareConfig
@@ -65,6 +65,15 @@ def test_det_agreement_self_is_one_and_drops_with_missing_or_moved_boxes():
     assert det_agreement(pages, moved)["fidelity_recall"] == pytest.approx(3 / 4)
     assert det_agreement([[]], [[]])["fidelity"] == 1.0
     assert det_agreement([[]], [[_box(0, 0)]])["fidelity"] == 0.0
+
+
+def test_box_iou_of_rotated_boxes_is_the_polygon_overlap():
+    square = [[0, 0], [2, 0], [2, 2], [0, 2]]
+    diamond = [[1, 0], [2, 1], [1, 2], [0, 1]]  # the square's inscribed diamond: same bounding rectangle, half its area
+    assert box_iou(square, square) == pytest.approx(1.0)
+    assert box_iou(square, diamond) == pytest.approx(0.5)
+    assert box_iou(square, [[3, 3], [4, 3], [4, 4], [3, 4]]) == 0.0
+    assert box_iou([[0, 0], [1, 1], [2, 2], [3, 3]], square) == 0.0  # degenerate (zero-area) box
 
 
 def test_fidelity_drops_and_gate_name_the_setting():
