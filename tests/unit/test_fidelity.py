@@ -8,7 +8,8 @@ from compress.checkpoint import Manifest
 from compress.errors import CheckpointError, InputError
 from compress.data.labels import list_images
 from compress.fidelity import (REFERENCE_FILE, FidelityReference, baseline_reference, box_iou, det_agreement,
-                               fidelity_drops, fidelity_gate, normalized_similarity, rec_agreement, script_of, strip_label_ops)
+                               fidelity_drops, fidelity_gate, normalized_similarity, rec_agreement, script_of,
+                               strip_label_ops)
 from compress.report import new_row
 from compress.compare.rows import fidelity_failures, gate_summary
 from compress.stages.compare import CompareConfig

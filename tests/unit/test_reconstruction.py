@@ -146,6 +146,36 @@ def test_reconstruction_touches_only_dense_consumers_and_leaves_depthwise_exact(
         assert layer.error_after <= layer.error_before
 
 
+def test_teacher_outputs_measured_once_per_batch_solve_exactly_as_when_measured_per_layer(monkeypatch):
+    """The unpruned model's sampled outputs are cached from one pass per batch while they fit ``cache_bytes``;
+    layers past the budget re-run the teacher. All three ways give bit-identical weights and errors."""
+    from compress.pruning import reconstruction
+
+    net, x = build(redundant=False), inputs()
+    teacher, plan, trace = pruned_pair(net, x)
+    config = ReconstructionConfig(layers="all", max_rows=50)  # 240 positions per batch: rows are sampled
+    batches = [inputs(1), inputs(2), inputs(3)]
+    captured_from_teacher = []
+    capture = reconstruction._capture
+    monkeypatch.setattr(reconstruction, "_capture", lambda model, layer, batch: (
+        captured_from_teacher.append(model is teacher), capture(model, layer, batch))[1])
+    results = {}
+    for cache_bytes in (0, 4 * 50 * 6 * len(batches), 2 << 30):  # nothing, "second" only, every layer
+        pruned = copy.deepcopy(net)
+        captured_from_teacher.clear()
+        report = reconstruct(pruned, teacher, plan, batches, config, trace=trace, cache_bytes=cache_bytes)
+        results[cache_bytes] = ({name: p.numpy() for name, p in pruned.state_dict().items()},
+                                [(layer.layer, layer.error_before, layer.error_after) for layer in report.layers],
+                                sum(captured_from_teacher))
+    assert [teacher_runs for *_, teacher_runs in results.values()] == [3 * 3, 2 * 3, 0]  # layers x batches
+    (weights, layers, _), *others = results.values()
+    assert len(layers) == 3
+    for other_weights, other_layers, _ in others:
+        assert other_layers == layers
+        for name, value in weights.items():
+            np.testing.assert_array_equal(other_weights[name], value, err_msg=name)
+
+
 def test_bias_free_conv_before_batchnorm_folds_its_bias_into_the_running_mean():
     net, x = build(), inputs()
     reference = run(net, x)
