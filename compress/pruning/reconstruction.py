@@ -466,25 +466,22 @@ def reconstruct(model, teacher, plan, batches, config=ReconstructionConfig(), tr
     return ReconstructionReport(report, skipped, time.perf_counter() - started, samples)
 
 
-def _layer_rows(geometry, output_shape, config, index, batch_index):
-    """The output positions sampled for the ``index``-th target layer on batch ``batch_index`` (None: all)."""
+def _teacher_sample(geometry, y_teacher, config, index, batch_index, kept_out):
+    """What the ``index``-th target layer is solved against on batch ``batch_index``: (the teacher's output shape,
+    the sampled output positions (None: all), the teacher's outputs there on the kept channels, float32 as the
+    teacher computed them)."""
     rng = np.random.default_rng([config.seed, index, batch_index])
-    return _sample_rows(_row_count(geometry, output_shape), config.max_rows, rng)
-
-
-def _target_rows(geometry, y_teacher, rows, kept_out):
+    rows = _sample_rows(_row_count(geometry, y_teacher.shape), config.max_rows, rng)
     target = output_rows(geometry, y_teacher, rows)
-    return target if kept_out is None else target[:, kept_out]
+    target = target if kept_out is None else target[:, kept_out]
+    return y_teacher.shape, rows, target.astype("float32")
 
 
 def _teacher_targets(teacher, indexed_names, layers, plan, batches, config, cache_bytes):
-    """The unpruned model's target rows of every layer in ``indexed_names`` ((target index, name) pairs) that fits
-    in ``cache_bytes``, from one forward pass per batch: {name: [(output shape, float32 rows) per batch]}.
-
-    Each layer's rows are the ones :func:`_reconstruct_layer` samples (same seed, index and batch), so a cached
-    layer is solved exactly as one whose teacher output is captured again; the bound counts ``max_rows`` (or
-    fewer) rows of the kept outputs per batch, in float32 (the teacher's own precision).
-    """
+    """:func:`_teacher_sample` of every layer in ``indexed_names`` ((target index, name) pairs) that fits in
+    ``cache_bytes``, from one forward pass per batch: {name: [sample per batch]}, the same samples
+    :func:`_reconstruct_layer` takes when it captures the teacher itself. The bound counts ``max_rows`` rows of the
+    kept outputs per batch in float32."""
     teacher_layers = dict(teacher.named_sublayers())
     chosen, used = [], 0
     for index, name in indexed_names:
@@ -498,22 +495,20 @@ def _teacher_targets(teacher, indexed_names, layers, plan, batches, config, cach
     cached = {name: [] for _, name, _, _ in chosen}
     if not chosen:
         return cached
-    for batch_index, batch in enumerate(batches):
-        handles = []
-        for index, name, kept_out, geometry in chosen:
-            def hook(_, inputs, output, index=index, name=name, kept_out=kept_out, geometry=geometry):
-                if len(cached[name]) == batch_index:  # its first call in this pass
-                    y = output.numpy()
-                    rows = _layer_rows(geometry, y.shape, config, index, batch_index)
-                    cached[name].append((y.shape, _target_rows(geometry, y, rows, kept_out).astype("float32")))
-            handles.append(teacher_layers[name].register_forward_post_hook(hook))
-        try:
-            with paddle.no_grad():
-                teacher(paddle.to_tensor(batch))
-        finally:
-            for handle in handles:
-                handle.remove()
-    return {name: targets for name, targets in cached.items() if len(targets) == len(batches)}  # others: re-run
+    passes = []  # one entry per forward pass started: the batch index is len(passes) - 1
+
+    def count_pass(_, inputs):
+        passes.append(None)
+
+    hooks = [teacher.register_forward_pre_hook(count_pass)]
+    for index, name, kept_out, geometry in chosen:
+        def record(_, inputs, output, index=index, name=name, kept_out=kept_out, geometry=geometry):
+            batch_index = len(passes) - 1
+            if len(cached[name]) == batch_index:  # its first call in this pass
+                cached[name].append(_teacher_sample(geometry, output.numpy(), config, index, batch_index, kept_out))
+        hooks.append(teacher_layers[name].register_forward_post_hook(record))
+    _forward_all(teacher, batches, hooks)
+    return {name: samples for name, samples in cached.items() if len(samples) == len(batches)}  # others: re-run
 
 
 def _output_channels(layer):
@@ -540,23 +535,15 @@ def _reconstruct_layer(model, teacher, name, index, plan, batches, config, trace
     gram = cross = column_sums = target_sums = target_squares = None
     rows_total = 0
     for batch_index, batch in enumerate(batches):
-        if cached is None:
-            y_teacher = _capture(teacher, teacher_layer, batch)[1]
-            y_teacher_shape = y_teacher.shape
-        else:
-            y_teacher_shape, target = cached[batch_index]
+        teacher_shape, rows, target = cached[batch_index] if cached is not None else _teacher_sample(
+            geometry, _capture(teacher, teacher_layer, batch)[1], config, index, batch_index, kept_out)
         x, y = _capture(model, layer, batch)
-        if y.shape[2:] != y_teacher_shape[2:] or y.shape[0] != y_teacher_shape[0]:
-            return f"output shape {list(y.shape)} differs from the teacher's {list(y_teacher_shape)}"
-        rows = _layer_rows(geometry, y.shape, config, index, batch_index)
-        inputs = input_rows(geometry, x, y.shape, rows)
+        if y.shape[2:] != teacher_shape[2:] or y.shape[0] != teacher_shape[0]:
+            return f"output shape {list(y.shape)} differs from the teacher's {list(teacher_shape)}"
+        inputs = input_rows(geometry, x, y.shape, rows)  # the same positions: the shapes match
         if bias_column:
             inputs = _with_ones(inputs)
-        if cached is None:
-            target = _target_rows(geometry, y_teacher, rows, kept_out)
-            del y_teacher
-        else:
-            target = target.astype("float64")  # stored as float32: the teacher's own output precision, exact
+        target = target.astype("float64")  # float32 is the teacher's own precision: exact
         if target.shape[1] != y.shape[1 if geometry.kind == "conv" else -1]:
             return f"{target.shape[1]} teacher outputs for {y.shape[1]} pruned outputs"
         if gram is None:
