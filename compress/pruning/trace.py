@@ -13,6 +13,7 @@ A :class:`PruningTrace` holds no reference to the model and no weights: it is co
 plans (sensitivity analysis, ratio search). Names in it are the model's structured names (``state_dict`` keys),
 which are the same in every process, unlike Paddle's generated tensor names.
 """
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -21,6 +22,7 @@ import time
 
 import numpy as np
 import paddle
+from paddle.jit.dy2static.program_translator import ProgramTranslator
 from paddleslim.core import GraphWrapper, OpWrapper, VarWrapper, dygraph2program
 from paddleslim.dygraph.prune.filter_pruner import FilterPruner
 from paddleslim.prune.prune_worker import PRUNE_WORKER, UnsupportOpError
@@ -203,6 +205,26 @@ def _grouped_conv_problem(conv_ops, members):
     return None
 
 
+@contextlib.contextmanager
+def forget_traced_parameters():
+    """Drop the parameter records a PaddleSlim trace leaves in Paddle's ``to_static`` bookkeeping.
+
+    ``dygraph2program`` builds its program under ``to_static`` mode, and Paddle 2.6 records every parameter it
+    reads in ``ProgramTranslator._params_recorder`` keyed by ``id(program)``; only ``paddle.jit``'s own tracer pops
+    those records. The leftover ones keep the traced model's parameters alive and, once the program is freed and a
+    later ``paddle.jit.save`` builds its program at the same address, are handed to that save as its parameters:
+    ``KeyError: 'conv2d_148.w_0'`` in ``paddle/jit/api.py``, at random, in any process that traced for pruning
+    before it exported. Records made inside this context are removed when it exits, also when the trace raises.
+    """
+    records = ProgramTranslator.get_instance()._params_recorder.params_dict
+    before = set(records)
+    try:
+        yield
+    finally:
+        for key in set(records) - before:
+            del records[key]
+
+
 def trace_model(model, example_inputs):
     """Trace ``model`` once and return its pruning groups.
 
@@ -223,7 +245,7 @@ def trace_model(model, example_inputs):
     training_flags = [(layer, layer.training) for layer in model.sublayers(include_self=True)]
     model.eval()
     try:
-        with traceable():
+        with traceable(), forget_traced_parameters():
             program = dygraph2program(model, inputs=arrays, dtypes=["float32"] * len(arrays))
             graph = _IndexedGraph(program)
             trace = _build_trace(graph, names)
