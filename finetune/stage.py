@@ -113,7 +113,8 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
     if cfg.distill.enabled or cfg.select_by == "fidelity":
         teacher = make_teacher()
     if cfg.distill.enabled:
-        distill = TeacherDistillation(teacher, task.task, cfg.distill, threads=ctx.global_cfg.threads)
+        distill = TeacherDistillation(teacher, task.task, cfg.distill, threads=ctx.global_cfg.threads,
+                                      fast_log_softmax=cfg.fast_cpu_ops)
     evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} select {ctx.model_name}",
                               split=cfg.select_split, reference=teacher if cfg.select_by == "fidelity" else None)
     trainer = Trainer(model, build_task_loss(task.task, cfg.loss, where=f"{section}.loss"), loader, cfg,

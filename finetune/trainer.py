@@ -330,9 +330,11 @@ class TeacherDistillation:
         task: "det" or "rec".
         config: a :class:`DistillConfig` (``enabled`` is not read).
         threads: CPU threads of the inference predictor.
+        fast_log_softmax: rec's KL through :func:`finetune.fast_ops.log_softmax` (False: Paddle's kernel, the
+            slow path of ``benchmarks/bench_train_step.py``).
     """
 
-    def __init__(self, teacher, task, config=None, threads=1):
+    def __init__(self, teacher, task, config=None, threads=1, fast_log_softmax=True):
         if task not in ("det", "rec"):
             raise ConfigError(f"distill: no distillation for task '{task}'; use det or rec")
         config = config or DistillConfig()
@@ -342,6 +344,7 @@ class TeacherDistillation:
         self.kind, self.weight, self.temperature = config.kind, config.weight, config.temperature
         self.features = tuple(config.features)
         self.threads = threads
+        self.fast_log_softmax = fast_log_softmax
         self.last_terms = {}
         self._student_features = {}
         self._hooks = []
@@ -397,7 +400,8 @@ class TeacherDistillation:
         if self.task == "det":
             out_term = _map_distance(student_out["maps"][:, :1], targets[0], self.kind)
         else:
-            out_term = _sequence_distance(student_out, targets[0], self.kind, temperature=self.temperature)
+            out_term = _sequence_distance(student_out, targets[0], self.kind, temperature=self.temperature,
+                                          fast_log_softmax=self.fast_log_softmax)
         loss = self.weight * out_term
         self.last_terms = {"distill": out_term}
         if self.features:
@@ -471,8 +475,10 @@ def _map_distance(student_prob, teacher_prob, kind, eps=1e-6):
     return paddle.mean(t * paddle.log(t / s) + (1 - t) * paddle.log((1 - t) / (1 - s)))
 
 
-def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8, temperature=1.0):
-    """Per-frame distance of the student's CTC distribution to the teacher's, averaged over (batch, frames)."""
+def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8, temperature=1.0, fast_log_softmax=True):
+    """Per-frame distance of the student's CTC distribution to the teacher's, averaged over (batch, frames).
+    ``fast_log_softmax``: :func:`finetune.fast_ops.log_softmax` instead of Paddle's (the same values, far faster on
+    CPU)."""
     if isinstance(student_logits, (list, tuple)):
         student_logits = student_logits[-1]
     if temperature != 1.0:
@@ -482,7 +488,11 @@ def _sequence_distance(student_logits, teacher_prob, kind, eps=1e-8, temperature
     if kind == "l2":
         diff = paddle.nn.functional.softmax(student_logits, axis=-1) - teacher_prob
         return paddle.mean(paddle.sum(paddle.square(diff), axis=-1))
-    log_student = paddle.nn.functional.log_softmax(student_logits, axis=-1)
+    if fast_log_softmax:
+        from finetune.fast_ops import log_softmax
+        log_student = log_softmax(student_logits, axis=-1)
+    else:
+        log_student = paddle.nn.functional.log_softmax(student_logits, axis=-1)
     kl = teacher_prob * (paddle.log(teacher_prob + eps) - log_student)
     return paddle.mean(paddle.sum(kl, axis=-1)) * (temperature * temperature)
 

@@ -228,6 +228,10 @@ class PruneConfig:
     reconstruct_layers: Literal["pruned_inputs", "all"] = "pruned_inputs"  # all: every dense layer downstream
     reconstruct_rows: int = 4096  # output positions sampled per batch and layer
     stats_correction: bool = False  # match each re-solved layer's output mean / std to the unpruned model's
+    # then train the neck and head (backbone frozen) for this many epochs over the reconstruction images to the
+    # unpruned model's outputs (compress.pruning.refit); 0: off
+    refit_epochs: int = 0
+    refit_lr: float = 3e-4
 
     RENAMED_KEYS: ClassVar[dict] = {"max_loss": ("max_metric_drop", IN_POINTS)}
 
@@ -241,6 +245,10 @@ class PruneConfig:
                               f"got {self.reconstruct_limit}")
         if self.reconstruct_rows < 1:
             raise ConfigError(f"{where}.reconstruct_rows: must be >= 1, got {self.reconstruct_rows}")
+        if self.refit_epochs < 0:
+            raise ConfigError(f"{where}.refit_epochs: must be >= 0 (0: no refit), got {self.refit_epochs}")
+        if not self.refit_lr > 0.0:
+            raise ConfigError(f"{where}.refit_lr: must be > 0, got {self.refit_lr}")
         if not 0.0 < self.flops_target < 1.0:
             raise ConfigError(f"{where}.flops_target: must be in (0, 1), got {self.flops_target}")
         if not 0.0 < self.latency_target < 1.0:
@@ -264,6 +272,13 @@ class PruneConfig:
         used = {"uniform": {"ratio"}, "flops_target": {"flops_target"}, "latency_target": latency,
                 "loss_budget": {"max_metric_drop"}}[self.mode]
         return ({"ratio", "flops_target", "max_metric_drop"} | latency) - used
+
+
+def _reconstruction_batches(cfg, ctx):
+    """The images reconstruction and refit fit on: ``reconstruct_images`` or the Calibration split."""
+    if cfg.reconstruct_images:
+        return list(ctx.task.image_batches(cfg.reconstruct_images, limit=cfg.reconstruct_limit))
+    return list(ctx.task.input_batches("calibration", limit=cfg.reconstruct_limit))
 
 
 @register_stage
@@ -336,11 +351,18 @@ class PruneStage(Stage):
                                message="nothing pruned: the plan removes no channel")
         compensation = plan_compensation(model, plan, stats, trace) if cfg.compensate else None
         plan_seconds = time.time() - started
-        teacher = copy.deepcopy(model) if cfg.reconstruct or cfg.stats_correction else None
+        corrects = cfg.reconstruct or cfg.stats_correction
+        teacher = copy.deepcopy(model) if corrects or cfg.refit_epochs else None
         if compensation is not None:
             add_deltas(model, compensation.deltas)
         apply_plan(model, plan)
-        reconstruction = self._reconstruct(model, teacher, plan, cfg, ctx, trace) if teacher is not None else None
+        reconstruction = self._reconstruct(model, teacher, plan, cfg, ctx, trace) if corrects else None
+        refit = None
+        if cfg.refit_epochs:
+            from compress.pruning.refit import refit_after_backbone
+            refit = refit_after_backbone(model, teacher, ctx.task.task, _reconstruction_batches(cfg, ctx),
+                                         cfg.refit_epochs, cfg.refit_lr, seed=ctx.global_cfg.seed,
+                                         show_progress=ctx.task.show_progress)
         del teacher
         model.eval()
         atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
@@ -369,6 +391,10 @@ class PruneStage(Stage):
             metrics["reconstruct_seconds"] = round(reconstruction.seconds, 1)
             what = "reconstructed" if cfg.reconstruct else "statistics-corrected"
             message += f", {what}: {reconstruction.summary()} in {reconstruction.seconds:.0f}s"
+        if refit is not None:
+            metadata["refit"] = refit.to_json()
+            metrics["refit_seconds"] = refit.seconds
+            message += f", {refit.summary()}"
         if "fidelity" in metrics:
             message += f"; {fidelity_summary(metrics)}"
         return StageResult(model=model, metrics=metrics, metadata=metadata, weights_changed=True, message=message)
@@ -379,11 +405,8 @@ class PruneStage(Stage):
         config = ReconstructionConfig(damp=cfg.reconstruct_damp, layers=cfg.reconstruct_layers,
                                       max_rows=cfg.reconstruct_rows, stats_correction=cfg.stats_correction,
                                       solve=cfg.reconstruct)
-        if cfg.reconstruct_images:
-            batches = list(ctx.task.image_batches(cfg.reconstruct_images, limit=cfg.reconstruct_limit))
-        else:
-            batches = list(ctx.task.input_batches("calibration", limit=cfg.reconstruct_limit))
-        return reconstruct(model, teacher, plan, batches, config, trace=trace, show_progress=ctx.task.show_progress)
+        return reconstruct(model, teacher, plan, _reconstruction_batches(cfg, ctx), config, trace=trace,
+                           show_progress=ctx.task.show_progress)
 
     def restore(self, model, cfg, metadata):
         from compress.pruning.plan import PrunePlan, apply_plan

@@ -176,6 +176,25 @@ def test_fast_cpu_ops_switch_conv_biases_and_affine_blocks_and_restore_them():
     assert "forward" not in conv.__dict__
 
 
+def test_fast_log_softmax_gives_paddles_values_and_gradients_in_the_rec_kl():
+    from finetune.fast_ops import log_softmax
+    from finetune.trainer import _sequence_distance
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((3, 6, 97)).astype("float32") * 8  # peaked rows, as a trained CTC head gives
+    teacher = paddle.nn.functional.softmax(paddle.to_tensor(rng.standard_normal((3, 6, 97)).astype("float32") * 4))
+    results = {}
+    for fast in (False, True):
+        logits = paddle.to_tensor(raw, stop_gradient=False)
+        loss = _sequence_distance(logits, teacher, "kl", temperature=2.0, fast_log_softmax=fast)
+        loss.backward()
+        results[fast] = float(loss), logits.grad.numpy()
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5) and results[True][0] > 0.1
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-4, atol=1e-8)
+    x = paddle.to_tensor(raw)
+    np.testing.assert_allclose(log_softmax(x, axis=1).numpy(), paddle.nn.functional.log_softmax(x, axis=1).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_distill_config_keys_are_checked():
     cfg = parse_section(FinetuneConfig, {"label_loss_weight": 0, "distill": {
         "enabled": True, "features": ["backbone", "neck"], "feature_weight": 0.5, "temperature": 2.0},
