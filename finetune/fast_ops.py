@@ -6,9 +6,10 @@ conv bias (``out + bias.reshape([1, C, 1, 1])``) or a scalar affine (PP-LCNetV3'
 elementwise add of two equal shapes, and their gradients (a reduction to the parameter's shape) about as long again.
 PP-OCRv4 runs one such op after every conv and two per rep layer, which made them about a third of a training step.
 
-Paddle 2.6's CPU ``log_softmax`` is slower still: on rec's CTC output ([16, 40, 6625]) it took 1.9 s forward and
-2.0 s backward, where ``softmax`` took 9 / 18 ms (AMD EPYC, 2 threads; ``benchmarks/bench_log_softmax.py``). Rec's distillation term (per-frame KL to the teacher) runs it on every step, so it was most
-of a rec fine-tune step. :func:`log_softmax` computes the same ``x - logsumexp(x)``.
+Paddle 2.6's CPU ``log_softmax`` is slower still: on rec's CTC output ([16, 40, 6625]) it took 1.8 s forward and
+1.8 s backward, ``x - logsumexp(x)`` 0.08 s in all (AMD EPYC, 2 threads; ``benchmarks/bench_log_softmax.py``).
+Rec's distillation term (per-frame KL to the teacher) runs it on every step, so it was most of a rec fine-tune
+step. :func:`log_softmax` computes the same ``x - logsumexp(x)``.
 
 The same per-channel affine ``y = x * w[c] + b[c]`` is what an inference-mode batch norm with mean 0 and variance
 ``1 - eps`` computes, and Paddle's batch-norm kernels (forward and gradient) are vectorised: :func:`channel_affine`
@@ -42,7 +43,7 @@ def channel_affine(x, weight, bias):
 
 def log_softmax(x, axis=-1):
     """``log(softmax(x))`` along ``axis`` as ``x - logsumexp(x)``: equal to ``F.log_softmax`` up to float rounding,
-    about 50x faster forward and backward than Paddle 2.6's CPU kernel on CTC-sized inputs (module docstring)."""
+    about 47x faster forward and backward than Paddle 2.6's CPU kernel on CTC-sized inputs (module docstring)."""
     return x - paddle.logsumexp(x, axis=axis, keepdim=True)
 
 

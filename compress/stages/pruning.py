@@ -356,14 +356,14 @@ class PruneStage(Stage):
         if compensation is not None:
             add_deltas(model, compensation.deltas)
         apply_plan(model, plan)
-        reconstruction = self._reconstruct(model, teacher, plan, cfg, ctx, trace) if corrects else None
+        batches = _reconstruction_batches(cfg, ctx) if teacher is not None else None
+        reconstruction = self._reconstruct(model, teacher, plan, batches, cfg, ctx, trace) if corrects else None
         refit = None
         if cfg.refit_epochs:
             from compress.pruning.refit import refit_after_backbone
-            refit = refit_after_backbone(model, teacher, ctx.task.task, _reconstruction_batches(cfg, ctx),
-                                         cfg.refit_epochs, cfg.refit_lr, seed=ctx.global_cfg.seed,
-                                         show_progress=ctx.task.show_progress)
-        del teacher
+            refit = refit_after_backbone(model, teacher, ctx.task.task, batches, cfg.refit_epochs, cfg.refit_lr,
+                                         seed=ctx.global_cfg.seed, show_progress=ctx.task.show_progress)
+        del teacher, batches
         model.eval()
         atomic_write_text(os.path.join(ctx.out_dir, "plan.json"), plan.to_json())
         atomic_write_text(os.path.join(ctx.out_dir, "plan.txt"), format_plan(plan) + "\n")
@@ -400,13 +400,12 @@ class PruneStage(Stage):
         return StageResult(model=model, metrics=metrics, metadata=metadata, weights_changed=True, message=message)
 
     @staticmethod
-    def _reconstruct(model, teacher, plan, cfg, ctx, trace):
+    def _reconstruct(model, teacher, plan, batches, cfg, ctx, trace):
         from compress.pruning.reconstruction import ReconstructionConfig, reconstruct
         config = ReconstructionConfig(damp=cfg.reconstruct_damp, layers=cfg.reconstruct_layers,
                                       max_rows=cfg.reconstruct_rows, stats_correction=cfg.stats_correction,
                                       solve=cfg.reconstruct)
-        return reconstruct(model, teacher, plan, _reconstruction_batches(cfg, ctx), config, trace=trace,
-                           show_progress=ctx.task.show_progress)
+        return reconstruct(model, teacher, plan, batches, config, trace=trace, show_progress=ctx.task.show_progress)
 
     def restore(self, model, cfg, metadata):
         from compress.pruning.plan import PrunePlan, apply_plan
