@@ -11,7 +11,11 @@ same batches, one step of each in turn, so load from other processes hits both a
 Prints the median seconds per step, steps/s and the ratio, and the loss of each path's first step (same weights,
 same batch: they should agree to float rounding). Data loading is outside the timed step in both paths.
 
+``--profile N`` then runs N more fast-path steps under Paddle's profiler and prints where a step's operator time
+goes (forward ops and their gradient nodes, the largest first), and the share of the depth-wise convs.
+
 Usage: python benchmarks/bench_train_step.py [--models det,rec] [--steps 4] [--threads 2] [--distill-det]
+                                             [--profile N]
 """
 import os
 import sys
@@ -40,6 +44,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per path (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--distill-det", action="store_true", help="also distil det (the default config does not)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N more fast-path steps and print the operators' share of the time")
     return parser.parse_args()
 
 
@@ -110,7 +116,32 @@ def bench_model(cfg, name, args):
     print(f"  fast  {fast:7.2f} s/step  {1 / fast:6.3f} steps/s   first loss {first_loss['fast']:.6f}")
     print(f"  ratio {slow / fast:.2f}x  (first-step loss rel. diff "
           f"{abs(first_loss['fast'] - first_loss['slow']) / abs(first_loss['slow']):.1e})", flush=True)
+    if args.profile:
+        trainer, ftcfg = paths["fast"]
+        with fast_cpu_ops(trainer.model):
+            print_op_shares(lambda: trainer._train_step(next(batches)), args.profile)
     return {"slow_s": slow, "fast_s": fast, "ratio": slow / fast}
+
+
+def print_op_shares(step, steps, top=8):
+    """Run ``step`` ``steps`` times under Paddle's CPU profiler; print each operator's share of the summed operator
+    time (forward ops and gradient nodes listed apart) and the depth-wise convs' share (forward + gradient)."""
+    import paddle.profiler as profiler
+    from paddle.profiler.profiler_statistic import StatisticData
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])
+    prof.start()
+    for _ in range(steps):
+        step()
+        prof.step()
+    prof.stop()
+    items = StatisticData(prof.profiler_result.get_data(), prof.profiler_result.get_extra_info()).event_summary.items
+    times = {name: item.cpu_time for name, item in items.items()}
+    total = sum(times.values())
+    print(f"  profile of {steps} fast steps, share of operator time:")
+    for name, ns in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {ns / total:6.1%}  {name}  ({ns / 1e9 / steps:.2f} s/step)")
+    depthwise = sum(ns for name, ns in times.items() if name.lower().replace("_", "").startswith("depthwiseconv2d"))
+    print(f"    depth-wise convs, forward + gradient: {depthwise / total:.1%}", flush=True)
 
 
 def main():
