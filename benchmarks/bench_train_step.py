@@ -128,7 +128,8 @@ def print_op_shares(step, steps, top=8):
     time (forward ops and gradient nodes listed apart) and the depth-wise convs' share (forward + gradient)."""
     import paddle.profiler as profiler
     from paddle.profiler.profiler_statistic import StatisticData
-    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])
+    # no trace export (Paddle's default writes a Chrome trace to ./profiler_log/); the summary is read in memory
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _prof: None)
     prof.start()
     for _ in range(steps):
         step()
