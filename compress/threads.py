@@ -24,3 +24,8 @@ def restore():
         from paddle.base import core
 
         core.set_num_threads(_threads)
+
+
+def current():
+    """The count of the last :func:`set_threads` call, or None."""
+    return _threads

@@ -16,7 +16,10 @@ The same per-channel affine ``y = x * w[c] + b[c]`` is what an inference-mode ba
 uses them. The results equal the plain formulation up to float rounding (about 1e-7 relative).
 
 :func:`fast_cpu_ops` swaps these formulations into a model's ``Conv2D`` (with bias, NCHW, zero padding) and
-``LearnableAffineBlock`` layers for the duration of a ``with`` block; parameters and state dict are untouched.
+``LearnableAffineBlock`` layers for the duration of a ``with`` block; parameters and state dict are untouched. It
+also routes depth-wise convs (with or without bias) through :mod:`finetune.depthwise`, Numba-compiled kernels that
+replace Paddle 2.6's per-channel im2col + GEMM (a 5x5 conv on [8, 240, 12, 80]: 90 -> 13 ms forward, 282 -> 25 ms
+backward, 2 threads).
 """
 import contextlib
 
@@ -53,13 +56,21 @@ def _small(x):
 
 
 def _conv2d_forward(layer):
+    from finetune import depthwise
+    numba_depthwise = depthwise.supported(layer)
+
     def forward(x):
         if x.ndim != 4:
             return type(layer).forward(layer, x)
-        out = F.conv._conv_nd(x, layer.weight, bias=None, stride=layer._stride, padding=layer._updated_padding,
-                              padding_algorithm=layer._padding_algorithm, dilation=layer._dilation,
-                              groups=layer._groups, data_format=layer._data_format, channel_dim=layer._channel_dim,
-                              op_type=layer._op_type, use_cudnn=layer._use_cudnn)
+        if numba_depthwise and x.dtype == paddle.float32:
+            out = depthwise.depthwise_conv2d(x, layer.weight, layer._stride, layer._updated_padding, layer._dilation)
+        else:
+            out = F.conv._conv_nd(x, layer.weight, bias=None, stride=layer._stride,
+                                  padding=layer._updated_padding, padding_algorithm=layer._padding_algorithm,
+                                  dilation=layer._dilation, groups=layer._groups, data_format=layer._data_format,
+                                  channel_dim=layer._channel_dim, op_type=layer._op_type, use_cudnn=layer._use_cudnn)
+        if layer.bias is None:
+            return out
         if _small(out):
             return out + layer.bias.reshape([1, -1, 1, 1])
         ones = paddle.ones([layer._out_channels], dtype=out.dtype)
@@ -78,7 +89,9 @@ def _affine_forward(layer):
 
 def _patchable(layer):
     if isinstance(layer, paddle.nn.Conv2D):
-        return layer.bias is not None and layer._data_format == "NCHW" and layer._padding_mode == "zeros"
+        from finetune import depthwise
+        plain = layer._data_format == "NCHW" and layer._padding_mode == "zeros"
+        return plain and (layer.bias is not None or depthwise.supported(layer))
     name = type(layer).__name__
     return name == "LearnableAffineBlock" and list(getattr(layer, "scale", paddle.zeros([2])).shape) == [1] and \
         list(getattr(layer, "bias", paddle.zeros([2])).shape) == [1]

@@ -160,10 +160,15 @@ def test_fast_path_trains_the_same_weights_as_the_slow_path(demo_dir):
     for name, grad in slow_grads.items():  # some gradients are rounding noise around 0 (biases before a BN)
         np.testing.assert_allclose(fast_grads[name], grad, rtol=2e-3, atol=1e-6 * scale, err_msg=name)
     np.testing.assert_allclose([l for l, _ in fast_losses], [l for l, _ in slow_losses], rtol=1e-4)
-    # Adam's first steps are about lr * sign(gradient): a weight whose gradient is rounding noise around 0 may step
-    # either way, so weights are compared over all elements, not one by one
+    # Adam's first steps are about lr * sign(gradient): a weight whose gradient is rounding noise around 0 (the DB
+    # head's conv biases before a BN, |gradient| ~1e-8) may step either way, up to 2 x lr per step; those are
+    # compared over all elements, every other weight one by one
     diffs = np.concatenate([np.abs(fast_weights[k] - w).ravel() for k, w in slow_weights.items()])
-    assert np.quantile(diffs, 0.99) < 1e-4 and diffs.max() < 2.5e-3
+    assert np.quantile(diffs, 0.99) < 1e-4
+    noise = {k for k, g in slow_grads.items() if np.abs(g).max() < 1e-6 * scale}
+    assert noise <= {k for k in slow_grads if k.endswith(".bias")}
+    signal = np.concatenate([np.abs(fast_weights[k] - w).ravel() for k, w in slow_weights.items() if k not in noise])
+    assert signal.max() < 1.5 * cfg.lr  # measured 7.8e-4 (4.2e-4 with Paddle's depth-wise kernels); 4 steps
 
 
 def test_fast_cpu_ops_switch_conv_biases_and_affine_blocks_and_restore_them():
