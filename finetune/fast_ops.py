@@ -18,8 +18,8 @@ uses them. The results equal the plain formulation up to float rounding (about 1
 :func:`fast_cpu_ops` swaps these formulations into a model's ``Conv2D`` (with bias, NCHW, zero padding) and
 ``LearnableAffineBlock`` layers for the duration of a ``with`` block; parameters and state dict are untouched. It
 also routes depth-wise convs (with or without bias) through :mod:`finetune.depthwise`, Numba-compiled kernels that
-replace Paddle 2.6's per-channel im2col + GEMM (a 5x5 conv on [8, 240, 12, 80]: 90 -> 13 ms forward, 282 -> 25 ms
-backward, 2 threads).
+replace Paddle 2.6's per-channel im2col + GEMM (a 5x5 conv on [8, 240, 12, 80]: 79 -> 11 ms forward, 278 -> 23 ms
+backward, 2 threads; ``benchmarks/bench_depthwise.py``).
 """
 import contextlib
 
