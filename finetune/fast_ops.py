@@ -1,4 +1,4 @@
-"""Faster CPU formulations of two broadcast ops that dominate a PP-OCRv4 training step in Paddle 2.6 dygraph.
+"""Faster CPU formulations of the ops that dominate a PP-OCRv4 training step in Paddle 2.6 dygraph.
 
 Paddle 2.6's CPU elementwise kernels take a slow generic path when one operand is broadcast over the other: adding a
 conv bias (``out + bias.reshape([1, C, 1, 1])``) or a scalar affine (PP-LCNetV3's ``LearnableAffineBlock``,

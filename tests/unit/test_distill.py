@@ -160,8 +160,8 @@ def test_fast_path_trains_the_same_weights_as_the_slow_path(demo_dir):
     for name, grad in slow_grads.items():  # some gradients are rounding noise around 0 (biases before a BN)
         np.testing.assert_allclose(fast_grads[name], grad, rtol=2e-3, atol=1e-6 * scale, err_msg=name)
     np.testing.assert_allclose([l for l, _ in fast_losses], [l for l, _ in slow_losses], rtol=1e-4)
-    # Adam's first steps are about lr * sign(gradient): a weight whose gradient is rounding noise around 0 (the DB
-    # head's conv biases before a BN, |gradient| ~1e-8) may step either way, up to 2 x lr per step; those are
+    # Adam's first steps are about lr * sign(gradient): a weight whose gradient is rounding noise around 0 (biases
+    # followed by a BN, e.g. the DB head's convs: |gradient| ~1e-8) may step either way, up to 2 x lr per step; those are
     # compared over all elements, every other weight one by one
     diffs = np.concatenate([np.abs(fast_weights[k] - w).ravel() for k, w in slow_weights.items()])
     assert np.quantile(diffs, 0.99) < 1e-4
