@@ -24,6 +24,8 @@ import paddle
 from numba import prange
 from paddle.autograd import PyLayer
 
+from compress import threads
+
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # not "nnan" / "ninf": NaNs must propagate
 
 
@@ -126,9 +128,10 @@ def _tensor(array):
 
 
 def _set_threads():
-    from compress import threads
-    if threads.current() is not None:
-        numba.set_num_threads(max(1, min(threads.current(), numba.config.NUMBA_NUM_THREADS)))
+    """Numba's threads follow the dygraph math threads (``Global.threads``)."""
+    count = threads.current()
+    if count is not None:
+        numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
 
 
 class _DepthwiseConv2D(PyLayer):
