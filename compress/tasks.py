@@ -160,14 +160,26 @@ class Task:
         """
         import os
 
-        from ppocr.data.imaug import create_operators, transform
-
         from compress.data.labels import image_paths
-        from compress.fidelity import strip_label_ops
 
         folder = self.cfg.path(data_dir)
         paths = image_paths(folder, self.cfg.path(label_file) if label_file else None, limit,
                             where=f"{self.cfg.source_file}: {where}")
+        samples = self.preprocess_images(paths, transforms, where, source=label_file or folder)
+        return [os.path.relpath(p, folder).replace(os.sep, "/") for p in paths], samples
+
+    def preprocess_images(self, paths, transforms=None, where="images", source=None):
+        """Sample tuples of image files read with ``transforms`` (None: the Eval transforms without label
+        operators), in the order of ``paths``.
+
+        Raises:
+            InputError: an image the transforms reject (unreadable); names it and ``source``, the list or folder
+                it came from.
+        """
+        from ppocr.data.imaug import create_operators, transform
+
+        from compress.fidelity import strip_label_ops
+
         transforms = transforms if transforms is not None else strip_label_ops(self.cfg.Eval.transforms, self.task)
         ops = create_operators(copy.deepcopy([dict(t) for t in transforms]), self.global_config)
         samples = []
@@ -177,9 +189,9 @@ class Task:
                 result = transform({"img_path": path, "image": f.read()}, ops)
             if result is None:
                 raise InputError(f"{path}: rejected by the {where} transforms (unreadable image?); remove it from "
-                                 f"{label_file or folder}")
+                                 f"{source or 'the image set'}")
             samples.append(result)
-        return [os.path.relpath(p, folder).replace(os.sep, "/") for p in paths], samples
+        return samples
 
     def example_input(self, batch=1):
         """A deterministic array of the config's example input shape, for tracing and FLOPs counting."""

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal, Optional
 
 from compress.config import IN_POINTS
 from compress.errors import ConfigError, InputError
-from compress.fidelity import validate_fidelity_limits
+from compress.fidelity import subset_indices, validate_fidelity_limits
 from compress.stages.base import Stage, StageResult, register_stage
 from finetune.data import (UnlabeledDataset, UnlabeledStream, dataset_loader, label_free_transforms,
                            make_train_loader, unlabeled_records)
@@ -77,7 +77,8 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
 
     Uses the task's PP-OCR loss, PaddleOCR's weight decay when none is set, selection of the best step on
     ``cfg.select_split`` (its first ``cfg.eval_limit`` samples; by the labelled metric, or by agreement with the
-    teacher when ``cfg.select_by`` is ``fidelity``) and distillation from ``make_teacher()`` when
+    teacher when ``cfg.select_by`` is ``fidelity``; ``unlabeled``: agreement on the images held out of
+    ``cfg.unlabeled``) and distillation from ``make_teacher()`` when
     ``cfg.distill.enabled``.
 
     Args:
@@ -104,7 +105,7 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
         cfg = replace(cfg, optimizer=replace(cfg.optimizer, weight_decay=DEFAULT_WEIGHT_DECAY.get(task.task)))
     seed = ctx.global_cfg.seed
     batch_size = cfg.batch_size or split.batch_size
-    unlabeled = unlabeled_dataset(cfg.unlabeled, split, ctx, seed, f"{section}.unlabeled")
+    unlabeled, holdout = unlabeled_dataset(cfg.unlabeled, split, ctx, seed, f"{section}.unlabeled")
     if unlabeled is not None and cfg.unlabeled.mode == "only":
         loader = dataset_loader(unlabeled, batch_size, seed=seed, num_workers=cfg.num_workers)
     else:
@@ -115,8 +116,18 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
     if cfg.distill.enabled:
         distill = TeacherDistillation(teacher, task.task, cfg.distill, threads=ctx.global_cfg.threads,
                                       fast_log_softmax=cfg.fast_cpu_ops)
-    evaluator = TaskEvaluator(task, cfg.eval_limit, desc=f"{section.lower()} select {ctx.model_name}",
-                              split=cfg.select_split, reference=teacher if cfg.select_by == "fidelity" else None)
+    desc = f"{section.lower()} select {ctx.model_name}"
+    if cfg.select_split == "unlabeled":
+        samples = task.preprocess_images([path for path, _ in holdout], where=f"{section}.unlabeled.holdout",
+                                         source=cfg.unlabeled.label_file or cfg.unlabeled.data_dir)
+        fidelity = ctx.model_cfg.Fidelity
+        evaluator = TaskEvaluator(task, desc=desc, split="unlabeled", reference=teacher, samples=samples,
+                                  min_score=fidelity.min_score if fidelity is not None else None,
+                                  fast_ops=cfg.fast_cpu_ops)
+    else:
+        evaluator = TaskEvaluator(task, cfg.eval_limit, desc=desc, split=cfg.select_split,
+                                  reference=teacher if cfg.select_by == "fidelity" else None,
+                                  fast_ops=cfg.fast_cpu_ops)
     trainer = Trainer(model, build_task_loss(task.task, cfg.loss, where=f"{section}.loss"), loader, cfg,
                       evaluator, work_dir, distill, seed=seed)
     if unlabeled is not None and cfg.unlabeled.mode == "mix":
@@ -126,16 +137,31 @@ def build_task_trainer(model, cfg, ctx, make_teacher, work_dir, section="Finetun
     return trainer
 
 
+def selection_set(cfg):
+    """What the best step is chosen on, for messages: ``64 calibration samples``, ``512 held-out unlabeled
+    images``."""
+    if cfg.select_split == "unlabeled":
+        return f"{cfg.unlabeled.holdout} held-out unlabeled images"
+    return f"{cfg.eval_limit or 'all'} {cfg.select_split} samples"
+
+
 def unlabeled_dataset(ucfg, split, ctx, seed, where):
-    """The :class:`~finetune.data.UnlabeledDataset` of an ``unlabeled`` section (None when it names no images);
+    """The :class:`~finetune.data.UnlabeledDataset` of an ``unlabeled`` section (None when it names no images) and
+    the records held out of it (``ucfg.holdout`` of them, spread evenly over the list; empty without holdout);
     paths are relative to the model config, transforms default to the Train ones without their label operators."""
     if not ucfg.enabled:
-        return None
+        return None, []
     data_dir = ctx.model_cfg.path(ucfg.data_dir) if ucfg.data_dir else None
     label_file = ctx.model_cfg.path(ucfg.label_file) if ucfg.label_file else None
     records = unlabeled_records(data_dir, label_file, ucfg.limit, where)
+    held = set(subset_indices(len(records), ucfg.holdout)) if ucfg.holdout else set()
+    if held and len(held) >= len(records):
+        raise InputError(f"{where}.holdout: {ucfg.holdout} of {len(records)} images leaves none to train on; lower "
+                         f"holdout or add images")
+    train = [record for i, record in enumerate(records) if i not in held]
+    holdout = [records[i] for i in sorted(held)]
     transforms = ucfg.transforms if ucfg.transforms is not None else label_free_transforms(split.transforms)
-    return UnlabeledDataset(ctx.task, records, transforms, seed=seed, where=where)
+    return UnlabeledDataset(ctx.task, train, transforms, seed=seed, where=where), holdout
 
 
 @register_stage
@@ -178,7 +204,7 @@ class FinetuneStage(Stage):
         selected = "agreement with the baseline" if cfg.select_by == "fidelity" else ctx.task.main_metric
         return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
                 f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); best step by {selected} every "
-                f"{cfg.eval_every or per_epoch} steps on {cfg.eval_limit or 'all'} {cfg.select_split} samples; "
+                f"{cfg.eval_every or per_epoch} steps on {selection_set(cfg)}; "
                 f"gate: {', '.join(gates) or 'none'}")
 
     @staticmethod
@@ -196,7 +222,7 @@ class FinetuneStage(Stage):
         best = metrics.get(main)
         metrics.update(steps=result.steps, best_step=result.best_step, train_loss=round(result.train_loss, 6),
                        seconds_per_step=round(result.seconds_per_step, 4))
-        message = f"best at step {result.best_step}/{result.steps} on {cfg.select_split}"
+        message = f"best at step {result.best_step}/{result.steps} on {selection_set(cfg)}"
         if result.stopped_early:
             message += " (early stop)"
         if result.resumed_from:

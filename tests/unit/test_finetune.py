@@ -424,3 +424,44 @@ def test_selection_on_a_missing_calibration_split_is_a_one_line_error(demo_dir, 
     runner, _ = run_pipeline(tmp_path, demo_dir, select_split="calibration")
     with pytest.raises(InputError, match=r"Calibration: section missing; Finetune\.select_split: calibration"):
         runner.run()
+
+
+def test_selection_on_held_out_unlabeled_images(demo_dir, tmp_path):
+    """select_split: unlabeled measures agreement with the baseline on images held out of the unlabelled set, and
+    those images never reach training."""
+    images = os.path.join(demo_dir, "det", "train")  # the tiny set's 4 pages, used without their labels
+    unlabeled = {"data_dir": images, "ratio": 0.5, "holdout": 2}
+    runner, lines = run_pipeline(tmp_path, demo_dir, max_metric_drop=None, select_split="unlabeled",
+                                 select_by="fidelity", distill={"enabled": True}, unlabeled=unlabeled)
+    manifest = runner.run()
+    metrics = manifest.entry("finetune", "det")["metrics"]
+    assert metrics["select_start_fidelity"] == 1.0  # step 0 is the baseline itself: it agrees with itself
+    assert 0.0 <= metrics["select_fidelity"] <= 1.0 and "select_hmean" not in metrics
+    assert "on 2 held-out unlabeled images" in lines[-1]
+
+    from types import SimpleNamespace
+    task = det_task(demo_dir)
+    ctx = SimpleNamespace(model_cfg=task.cfg, task=task)
+    ucfg = parse_section(FinetuneConfig, {"select_split": "unlabeled", "select_by": "fidelity",
+                                          "unlabeled": unlabeled}, "Finetune").unlabeled
+    dataset, held = finetune.stage.unlabeled_dataset(ucfg, task.cfg.Train, ctx, 0, "Finetune.unlabeled")
+    trained = {path for path, _ in dataset.records}
+    names = sorted(os.listdir(images))
+    assert [os.path.basename(p) for p, _ in held] == [names[0], names[-1]]  # spread over the list
+    assert len(trained) == len(names) - 2 and not trained & {p for p, _ in held}
+
+
+def test_unlabeled_selection_settings_are_checked():
+    from compress.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"Finetune.select_split: unlabeled chooses the best step on images held "
+                                          r"out of Finetune.unlabeled; set Finetune.unlabeled.data_dir and "
+                                          r"Finetune.unlabeled.holdout"):
+        parse_section(FinetuneConfig, {"select_split": "unlabeled", "select_by": "fidelity"}, "Finetune")
+    with pytest.raises(ConfigError, match=r"unlabeled images have no labels; set Finetune.select_by: fidelity"):
+        parse_section(FinetuneConfig, {"select_split": "unlabeled", "unlabeled": {"data_dir": "x", "holdout": 4}},
+                      "Finetune")
+    with pytest.raises(ConfigError, match=r"Finetune.unlabeled.holdout: 4 images would be kept out of training for "
+                                          r"nothing; set Finetune.select_split: unlabeled"):
+        parse_section(FinetuneConfig, {"unlabeled": {"data_dir": "x", "holdout": 4}}, "Finetune")
+    with pytest.raises(ConfigError, match=r"Finetune.unlabeled.holdout: must be >= 0"):
+        parse_section(FinetuneConfig, {"unlabeled": {"data_dir": "x", "holdout": -1}}, "Finetune")
