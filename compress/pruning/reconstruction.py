@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from compress.errors import ConfigError
 from compress.models import batch_norm_layers
+from finetune.fast_ops import fast_cpu_ops
 
 
 # memory for the unpruned model's sampled layer outputs, measured once per batch instead of once per layer and batch
@@ -444,24 +445,27 @@ def reconstruct(model, teacher, plan, batches, config=ReconstructionConfig(), tr
     was_training, teacher_training = model.training, teacher.training
     model.eval()
     teacher.eval()
-    try:
-        cached = _teacher_targets(teacher, [(i, name) for i, name in enumerate(targets) if not reasons[name]],
-                                  layers, plan, batches, config, cache_bytes)
-        for index, name in enumerate(tqdm(targets, desc="reconstruct", unit="layer", disable=not show_progress)):
-            if reasons[name]:
-                skipped[name] = reasons[name]
-                continue
-            result = _reconstruct_layer(model, teacher, name, index, plan, batches, config, trace,
-                                        cached.pop(name, None))
-            if isinstance(result, str):
-                skipped[name] = result
-            else:
-                report.append(result)
-    finally:
-        if was_training:
-            model.train()
-        if teacher_training:
-            teacher.train()
+    # forward passes through the faster CPU formulations of finetune.fast_ops (the same values to float
+    # rounding): rec's reconstruction on 256 lines is mostly these passes
+    with fast_cpu_ops(model), fast_cpu_ops(teacher):
+        try:
+            cached = _teacher_targets(teacher, [(i, name) for i, name in enumerate(targets) if not reasons[name]],
+                                      layers, plan, batches, config, cache_bytes)
+            for index, name in enumerate(tqdm(targets, desc="reconstruct", unit="layer", disable=not show_progress)):
+                if reasons[name]:
+                    skipped[name] = reasons[name]
+                    continue
+                result = _reconstruct_layer(model, teacher, name, index, plan, batches, config, trace,
+                                            cached.pop(name, None))
+                if isinstance(result, str):
+                    skipped[name] = result
+                else:
+                    report.append(result)
+        finally:
+            if was_training:
+                model.train()
+            if teacher_training:
+                teacher.train()
     samples = sum(len(b) for b in batches)
     return ReconstructionReport(report, skipped, time.perf_counter() - started, samples)
 

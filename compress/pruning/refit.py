@@ -21,6 +21,7 @@ import paddle
 from tqdm import tqdm
 
 from compress.errors import ConfigError
+from finetune.fast_ops import fast_cpu_ops
 
 
 @dataclasses.dataclass
@@ -94,31 +95,33 @@ def refit_after_backbone(model, teacher, task, batches, epochs, lr=3e-4, seed=0,
         A :class:`RefitReport`.
     """
     started = time.time()
-    names, layers = _tail_layers(model)
-    model.eval()
-    teacher.eval()
-    features, targets = [], []
-    with paddle.no_grad():
-        for images in tqdm(batches, desc="refit: features", disable=not show_progress, leave=False):
-            tensor = paddle.to_tensor(images)
-            features.append(model.backbone(tensor))
-            targets.append(_probability_map(teacher(tensor)))  # rec: its eval output, the softmax
-
-    def mean_loss():
+    with fast_cpu_ops(model), fast_cpu_ops(teacher):  # the same values to float rounding, faster on CPU
+        names, layers = _tail_layers(model)
+        model.eval()
+        teacher.eval()
+        features, targets = [], []
         with paddle.no_grad():
-            return float(np.mean([float(_distance(_tail_output(model, f, task), t, task))
-                                  for f, t in zip(features, targets)]))
+            for images in tqdm(batches, desc="refit: features", disable=not show_progress, leave=False):
+                tensor = paddle.to_tensor(images)
+                features.append(model.backbone(tensor))
+                targets.append(_probability_map(teacher(tensor)))  # rec: its eval output, the softmax
 
-    before = mean_loss()
-    params = [p for layer in layers for p in layer.parameters() if not p.stop_gradient]
-    optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=params)
-    rng = np.random.default_rng(seed)
-    order = [int(i) for _ in range(epochs) for i in rng.permutation(len(features))]
-    for index in tqdm(order, desc="refit", disable=not show_progress, leave=False):
-        loss = _distance(_tail_output(model, features[index], task), targets[index], task)
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
+        def mean_loss():
+            with paddle.no_grad():
+                return float(np.mean([float(_distance(_tail_output(model, f, task), t, task))
+                                      for f, t in zip(features, targets)]))
+
+        before = mean_loss()
+        params = [p for layer in layers for p in layer.parameters() if not p.stop_gradient]
+        optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=params)
+        rng = np.random.default_rng(seed)
+        order = [int(i) for _ in range(epochs) for i in rng.permutation(len(features))]
+        for index in tqdm(order, desc="refit", disable=not show_progress, leave=False):
+            loss = _distance(_tail_output(model, features[index], task), targets[index], task)
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+        after = mean_loss()
     return RefitReport(layers=names, epochs=epochs, steps=len(order), loss_before=round(before, 6),
-                       loss_after=round(mean_loss(), 6), seconds=round(time.time() - started, 1),
+                       loss_after=round(after, 6), seconds=round(time.time() - started, 1),
                        samples=sum(len(b) for b in batches))
