@@ -19,6 +19,7 @@ from compress.fidelity import summary as fidelity_summary
 from compress.stages.base import Stage, StageResult, register_stage
 from compress.stages.evaluation import measure_model
 from compress.tasks import dygraph_predictor
+from finetune.fast_ops import fast_cpu_ops
 
 DEFAULT_SKIP = ("head.*",)
 
@@ -94,7 +95,8 @@ def output_fidelity_fn(model, batches):
 
     def outputs(candidate):
         predict = dygraph_predictor(candidate)
-        return [predict(batch).reshape(len(batch), -1) for batch in batches]
+        with fast_cpu_ops(candidate):
+            return [predict(batch).reshape(len(batch), -1) for batch in batches]
 
     reference = outputs(model)
     norms = [np.linalg.norm(ref, axis=1) + 1e-12 for ref in reference]
@@ -138,8 +140,9 @@ class SensitivityStage(Stage):
             eval_fn = output_fidelity_fn(model, list(task.input_batches(cfg.split, limit=cfg.limit)))
         else:
             def eval_fn(candidate):
-                return task.evaluate(dygraph_predictor(candidate), split=cfg.split, limit=cfg.limit,
-                                     desc="sensitivity eval")[main]
+                with fast_cpu_ops(candidate):  # the same values to float rounding, faster on CPU
+                    return task.evaluate(dygraph_predictor(candidate), split=cfg.split, limit=cfg.limit,
+                                         desc="sensitivity eval")[main]
 
         os.makedirs(ctx.work_dir, exist_ok=True)
         task.show_progress, shown = False, task.show_progress  # one bar for the whole analysis, not per eval
