@@ -342,7 +342,8 @@ class TaskEvaluator:
                     self._reference_outputs = decode_outputs(self.task, dygraph_predictor(self._reference), batches,
                                                              show_progress=False, scores=scores)
                 if self.task.task == "rec" and self.min_score is not None:
-                    self._confident = [score >= self.min_score for score in scores]
+                    confident = [score >= self.min_score for score in scores]
+                    self._confident = confident if any(confident) else None  # none confident: count every line
             outputs = decode_outputs(self.task, dygraph_predictor(model), batches, desc=self.desc,
                                      show_progress=self.task.show_progress and self._samples is not None)
             if self.task.task == "rec":

@@ -465,3 +465,33 @@ def test_unlabeled_selection_settings_are_checked():
         parse_section(FinetuneConfig, {"unlabeled": {"data_dir": "x", "holdout": 4}}, "Finetune")
     with pytest.raises(ConfigError, match=r"Finetune.unlabeled.holdout: must be >= 0"):
         parse_section(FinetuneConfig, {"unlabeled": {"data_dir": "x", "holdout": -1}}, "Finetune")
+
+
+class _Outputs(paddle.nn.Layer):
+    """A 'model' whose output rows are fixed: (text id, confidence) per line."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = np.asarray(rows, dtype="float32")
+
+    def forward(self, x):
+        return paddle.to_tensor(self.rows[:x.shape[0]])
+
+
+def test_unlabeled_rec_selection_counts_the_lines_the_teacher_reads_confidently():
+    from types import SimpleNamespace
+    from finetune.trainer import TaskEvaluator
+    task = SimpleNamespace(task="rec", main_metric="acc", show_progress=False,
+                           cfg=SimpleNamespace(Eval=SimpleNamespace(batch_size=16)),
+                           post_process=lambda raw: [(str(int(row[0])), float(row[1])) for row in raw])
+    samples = [(np.zeros((1, 4, 4), dtype="float32"),) for _ in range(3)]
+    teacher = _Outputs([[0, 0.99], [1, 0.50], [2, 0.97]])
+    student = _Outputs([[0, 0.90], [1, 0.90], [7, 0.90]])
+    metrics = TaskEvaluator(task, split="unlabeled", reference=teacher, samples=samples, min_score=0.95)(student)
+    assert metrics["fidelity"] == 0.5 and metrics["fidelity_lines"] == 2  # lines 0 and 2; line 2 differs
+    assert metrics["fidelity_all"] == pytest.approx(2 / 3) and "acc" not in metrics
+    # no line read confidently: every line counts, so selection still has a metric
+    metrics = TaskEvaluator(task, split="unlabeled", reference=teacher, samples=samples, min_score=0.999)(student)
+    assert metrics["fidelity"] == pytest.approx(2 / 3) and metrics["fidelity_lines"] == 3
+    with pytest.raises(ValueError, match="reference model"):
+        TaskEvaluator(task, split="unlabeled", samples=samples)
