@@ -151,6 +151,13 @@ def unlabeled_dataset(ucfg, split, ctx, seed, where):
     paths are relative to the model config, transforms default to the Train ones without their label operators."""
     if not ucfg.enabled:
         return None, []
+    train, holdout = unlabeled_split(ucfg, ctx, where)
+    transforms = ucfg.transforms if ucfg.transforms is not None else label_free_transforms(split.transforms)
+    return UnlabeledDataset(ctx.task, train, transforms, seed=seed, where=where), holdout
+
+
+def unlabeled_split(ucfg, ctx, where):
+    """The records of an enabled ``unlabeled`` section: (trained on, held out for selection)."""
     data_dir = ctx.model_cfg.path(ucfg.data_dir) if ucfg.data_dir else None
     label_file = ctx.model_cfg.path(ucfg.label_file) if ucfg.label_file else None
     records = unlabeled_records(data_dir, label_file, ucfg.limit, where)
@@ -158,10 +165,7 @@ def unlabeled_dataset(ucfg, split, ctx, seed, where):
     if held and len(held) >= len(records):
         raise InputError(f"{where}.holdout: {ucfg.holdout} of {len(records)} images leaves none to train on; lower "
                          f"holdout or add images")
-    train = [record for i, record in enumerate(records) if i not in held]
-    holdout = [records[i] for i in sorted(held)]
-    transforms = ucfg.transforms if ucfg.transforms is not None else label_free_transforms(split.transforms)
-    return UnlabeledDataset(ctx.task, train, transforms, seed=seed, where=where), holdout
+    return [record for i, record in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
 @register_stage
@@ -194,7 +198,12 @@ class FinetuneStage(Stage):
         split = ctx.model_cfg.Train
         if split is None:
             return "no Train section: the stage would fail; add a training split to the model config"
-        samples = len(ctx.task.read_labels(split)[:split.limit])
+        if cfg.unlabeled.enabled and cfg.unlabeled.mode == "only":
+            samples = len(unlabeled_split(cfg.unlabeled, ctx, "Finetune.unlabeled")[0])
+            what = "unlabelled training images (the Train split is not read)"
+        else:
+            samples = len(ctx.task.read_labels(split)[:split.limit])
+            what = "training samples"
         batch = cfg.batch_size or split.batch_size
         world = paddle.distributed.get_world_size()
         per_epoch = max(-(-samples // (batch * world)), 1)
@@ -202,7 +211,7 @@ class FinetuneStage(Stage):
         gates = ([f"{ctx.task.main_metric} >= baseline - {cfg.max_metric_drop:g} pt"] if cfg.max_metric_drop is not None else []) + (
             [f"fidelity >= 1 - {cfg.max_fidelity_drop:g} pt"] if cfg.max_fidelity_drop is not None else [])
         selected = "agreement with the baseline" if cfg.select_by == "fidelity" else ctx.task.main_metric
-        return (f"  {samples} training samples, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
+        return (f"  {samples} {what}, batch {batch} x {world} process(es), {per_epoch} steps/epoch, "
                 f"{steps} steps; lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine); best step by {selected} every "
                 f"{cfg.eval_every or per_epoch} steps on {selection_set(cfg)}; "
                 f"gate: {', '.join(gates) or 'none'}")

@@ -495,3 +495,16 @@ def test_unlabeled_rec_selection_counts_the_lines_the_teacher_reads_confidently(
     assert metrics["fidelity"] == pytest.approx(2 / 3) and metrics["fidelity_lines"] == 3
     with pytest.raises(ValueError, match="reference model"):
         TaskEvaluator(task, split="unlabeled", samples=samples)
+
+
+def test_dry_run_counts_the_unlabelled_images_an_unlabelled_only_run_trains_on(demo_dir):
+    from types import SimpleNamespace
+    task = det_task(demo_dir)
+    ctx = SimpleNamespace(model_cfg=task.cfg, task=task)
+    cfg = parse_section(FinetuneConfig, {"epochs": 1, "label_loss_weight": 0, "distill": {"enabled": True},
+                                         "select_split": "unlabeled", "select_by": "fidelity",
+                                         "unlabeled": {"data_dir": os.path.join(demo_dir, "det", "eval"),
+                                                       "mode": "only", "holdout": 1}}, "Finetune")
+    text = finetune.stage.FinetuneStage().dry_run(None, cfg, ctx)
+    assert "1 unlabelled training images (the Train split is not read), batch 2 x 1 process(es), 1 steps/epoch" in text
+    assert "on 1 held-out unlabeled images" in text
