@@ -118,16 +118,21 @@ class Task:
         indices = range(len(samples)) if subset is None else subset
         key = ("fidelity", tuple(indices))
         if key not in self._cache:
-            chosen = [samples[i] for i in indices]
-            size = 1 if self.task == "det" else (self.cfg.Fidelity.batch_size or self.cfg.Eval.batch_size)
-            batches = []
-            for start in range(0, len(chosen), size):
-                chunk = chosen[start:start + size]
-                images = np.stack([s[0] for s in chunk]).astype("float32")
-                shapes = np.stack([s[1] for s in chunk]) if self.task == "det" else None
-                batches.append((images, shapes))
+            batches = self.stack_batches([samples[i] for i in indices], self.cfg.Fidelity.batch_size)
             self._cache[key] = ([names[i] for i in indices], batches)
         return self._cache[key]
+
+    def stack_batches(self, samples, batch_size=None):
+        """Unlabelled sample tuples as [(images NCHW float32, det resize records or None)], ``batch_size`` (None: the
+        Eval one) per batch; det one page per batch (pages differ in size)."""
+        size = 1 if self.task == "det" else (batch_size or self.cfg.Eval.batch_size)
+        batches = []
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            images = np.stack([s[0] for s in chunk]).astype("float32")
+            shapes = np.stack([s[1] for s in chunk]) if self.task == "det" else None
+            batches.append((images, shapes))
+        return batches
 
     def _fidelity_samples(self):
         cfg = self.cfg.Fidelity

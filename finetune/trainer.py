@@ -311,19 +311,17 @@ class TaskEvaluator:
         self._reference_outputs = None
         self._confident = None
         self._samples = samples
+        self._batches = None
 
     def _fidelity_batches(self):
-        if self._samples is not None:
-            size = 1 if self.task.task == "det" else self.task.cfg.Eval.batch_size
-            chunks = [self._samples[i:i + size] for i in range(0, len(self._samples), size)]
-        else:
-            chunks = list(self.task.batches(self.split, limit=self.limit))
-        batches = []
-        for batch in chunks:
-            images = np.stack([sample[0] for sample in batch]).astype("float32")
-            shapes = np.stack([sample[1] for sample in batch]) if self.task.task == "det" else None
-            batches.append((images, shapes))
-        return batches
+        """The selection images as fidelity batches, stacked once."""
+        if self._batches is None:
+            if self._samples is not None:
+                self._batches = self.task.stack_batches(self._samples)
+            else:  # the split's own batches
+                self._batches = [stacked for chunk in self.task.batches(self.split, limit=self.limit)
+                                 for stacked in self.task.stack_batches(chunk, len(chunk))]
+        return self._batches
 
     def __call__(self, model):
         from compress.fidelity import decode_outputs, det_agreement, rec_agreement

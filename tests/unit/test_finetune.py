@@ -480,10 +480,12 @@ class _Outputs(paddle.nn.Layer):
 
 def test_unlabeled_rec_selection_counts_the_lines_the_teacher_reads_confidently():
     from types import SimpleNamespace
+    from compress.tasks import Task
     from finetune.trainer import TaskEvaluator
     task = SimpleNamespace(task="rec", main_metric="acc", show_progress=False,
                            cfg=SimpleNamespace(Eval=SimpleNamespace(batch_size=16)),
                            post_process=lambda raw: [(str(int(row[0])), float(row[1])) for row in raw])
+    task.stack_batches = lambda samples, batch_size=None: Task.stack_batches(task, samples, batch_size)
     samples = [(np.zeros((1, 4, 4), dtype="float32"),) for _ in range(3)]
     teacher = _Outputs([[0, 0.99], [1, 0.50], [2, 0.97]])
     student = _Outputs([[0, 0.90], [1, 0.90], [7, 0.90]])
