@@ -14,7 +14,7 @@ a rec fine-tune step 3.68 s vs 3.71 s.
 ``MKL_DEBUG_CPU_TYPE`` is 5 on AMD CPUs unless the environment sets it (an empty value keeps MKL's own choice):
 the MKL that Paddle 2.6's CPU wheel ships (``libmklml_intel.so``, read when it loads) otherwise runs its generic
 code path on non-Intel CPUs, and Paddle's dygraph convs and matmuls, hence every fine-tune step and the prune
-stage's forward passes, go through it. On an AMD EPYC with AVX2 (2 threads, scratch timing,
+stage's forward passes, go through it. On an AMD EPYC (Zen 4, AVX-512; 2 threads, scratch timing,
 median of 5): a 1x1 conv 120 -> 480 channels on [4, 120, 30, 30] 5.9 -> 2.0 ms, a 3x3 conv 96 -> 96 on
 [4, 96, 120, 120] 187 -> 109 ms; ``python benchmarks/bench_train_step.py`` measures the whole step. Intel CPUs
 are left alone.
