@@ -132,8 +132,7 @@ def run_worker(cfg, name, label, args):
         elif "profile" in request:
             files = iter(request["profile"])
             lines = []
-            with ops():
-                print_op_shares(lambda: step(next(files)), len(request["profile"]), write=lines.append)
+            print_op_shares(lambda: step(next(files)), len(request["profile"]), write=lines.append)
             reply({"lines": lines})
 
 
